@@ -1,0 +1,138 @@
+"""``from_pretrained`` / ``save_pretrained`` for diffusers and transformers model folders (safetensors, no torch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from pmf_jax.errors import PMFInputError
+from pmf_jax.io.hub import resolve_folder
+from pmf_jax.io.naming import params_to_state_dict, state_dict_to_params
+from pmf_jax.io.registry import model_class_for_config
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise PMFInputError(f"{folder} has no config.json: not a diffusers/transformers model folder")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise PMFInputError(f"{path} is not valid JSON: {err}") from err
+
+
+def _read_safetensors(path: Path) -> Dict[str, np.ndarray]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise PMFInputError(f"cannot read weights file {path}: {err} (corrupted or truncated safetensors?)") from err
+
+
+def _weight_files(folder: Path, stem: str, variant: Optional[str]) -> Tuple[list, Optional[Path]]:
+    """Returns (safetensors files, pickle file if that is all there is)."""
+    suffix = f".{variant}" if variant else ""
+    single = folder / f"{stem}{suffix}.safetensors"
+    if single.is_file():
+        return [single], None
+    index = folder / f"{stem}{suffix}.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise PMFInputError(f"{index} is not a safetensors index (needs a 'weight_map'): {err}") from err
+        shards = [folder / name for name in sorted(set(weight_map.values()))]
+        absent = [str(s) for s in shards if not s.is_file()]
+        if absent:
+            raise PMFInputError(f"{index} names shards that are missing: {', '.join(absent)}")
+        return shards, None
+    pickles = [folder / f"{stem}{suffix}{ext}" for ext in PICKLE_SUFFIXES]
+    pickles = [p for p in pickles if p.is_file()]
+    if pickles:
+        return [], pickles[0]
+    raise PMFInputError(f"{folder} holds no weights: expected {single.name} or {index.name}")
+
+
+def load_state_dict(folder: Path, stem: str, *, variant: Optional[str] = None,
+                    allow_pickle: bool = False) -> Dict[str, np.ndarray]:
+    """Reads every tensor of a model folder into numpy (torch naming and layout)."""
+    files, pickle_file = _weight_files(folder, stem, variant)
+    if pickle_file is not None:
+        if not allow_pickle:
+            raise PMFInputError(
+                f"{pickle_file} is a pickle file, which can run arbitrary code when loaded; refusing it. "
+                f"Convert it to safetensors, or pass allow_pickle=True if you trust its source")
+        from pmf_jax.torch_compat.pickle_weights import load_pickle_state_dict
+
+        return load_pickle_state_dict(pickle_file)
+    state = {}
+    for path in files:
+        state.update(_read_safetensors(path))
+    return state
+
+
+def from_pretrained(path_or_repo_id, subfolder: Optional[str] = None, dtype=jnp.float32, *,
+                    param_dtype=None, attention_backend: str = "auto", variant: Optional[str] = None,
+                    allow_pickle: bool = False, revision: Optional[str] = None):
+    """Loads a diffusers (UNet2DConditionModel, ControlNetModel, AutoencoderKL) or transformers (CLIPTextModel) folder.
+
+    Args:
+      path_or_repo_id: a local folder, a pipeline folder with ``subfolder``, or a Hub repo id already in the local
+        Hugging Face cache.
+      dtype: the compute dtype of the returned module; ``param_dtype`` (default: ``dtype``) is the params' dtype.
+      attention_backend: see :mod:`pmf_jax.models.attention`.
+      variant: e.g. ``"fp16"`` for ``diffusion_pytorch_model.fp16.safetensors``.
+    Returns:
+      ``(module, params)``: a Flax module and its parameter tree (``{"params": ...}`` is *not* wrapped).
+    """
+    folder = resolve_folder(path_or_repo_id, subfolder, revision)
+    config = read_config(folder)
+    cls = model_class_for_config(config, folder)
+    module = cls.from_config(config, dtype=dtype, attention_backend=attention_backend)
+    state = load_state_dict(folder, cls.WEIGHTS_STEM, variant=variant, allow_pickle=allow_pickle)
+    abstract = module.abstract_params()
+    params = state_dict_to_params(state, abstract, source=str(folder), ignore_unexpected=cls.IGNORE_UNEXPECTED)
+    target = jnp.dtype(param_dtype or dtype)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype=target), params)
+    return module, params
+
+
+def save_pretrained(module, params, path, *, dtype=None, overwrite: bool = False) -> Path:
+    """Writes ``config.json`` + safetensors that diffusers/transformers ``from_pretrained`` open.
+
+    The folder is written under a temporary name beside ``path`` and renamed at the end, so an interrupted save
+    never leaves a partial folder under ``path``.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise PMFInputError(f"{path} already exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = params_to_state_dict(jax.device_get(params))
+    if dtype is not None:
+        state = {k: v.astype(jnp.dtype(dtype)) for k, v in state.items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(module.to_config(), indent=2, sort_keys=True) + "\n")
+        save_file(state, str(tmp / f"{type(module).WEIGHTS_STEM}.safetensors"), metadata={"format": "pt"})
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
