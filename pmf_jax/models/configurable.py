@@ -93,6 +93,11 @@ class PretrainedMixin:
         config["_diffusers_version"] = "0.30.0"
         return config
 
+    @classmethod
+    def normalize_state_dict(cls, state: Dict[str, Any]) -> Dict[str, Any]:
+        """Renames checkpoint keys written by other library versions to the keys this class saves (default: as is)."""
+        return state
+
     def dummy_inputs(self) -> tuple:
         """Small positional inputs for ``init`` (shapes only matter)."""
         raise NotImplementedError

@@ -1,0 +1,138 @@
+"""``ControlNetModel`` (the pose ControlNet, ``lllyasviel/control_v11p_sd15_openpose`` layout) in Flax linen, NHWC.
+
+A copy of the UNet encoder and middle block, a small conditioning-image encoder, and zero-initialised 1x1 convs
+that turn every skip connection and the middle output into residuals for the UNet.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pmf_jax.errors import PMFInputError
+from pmf_jax.models.blocks import conv1x1, conv3x3
+from pmf_jax.models.unet import UNET_DEFAULT_ONLY, UNet2DConditionModel
+
+
+class ControlNetConditioningEmbedding(nn.Module):
+    """cond [B, 8h, 8w, Cc] -> [B, h, w, out_channels]: conv_in, (conv, stride-2 conv) pairs with SiLU, zero conv_out."""
+
+    out_channels: int
+    block_out_channels: Tuple[int, ...] = (16, 32, 96, 256)
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, cond):
+        h = nn.silu(conv3x3(self.block_out_channels[0], self.dtype, "conv_in")(cond))
+        for i in range(len(self.block_out_channels) - 1):
+            h = nn.silu(conv3x3(self.block_out_channels[i], self.dtype, f"blocks_{2 * i}")(h))
+            h = nn.silu(conv3x3(self.block_out_channels[i + 1], self.dtype, f"blocks_{2 * i + 1}", stride=2)(h))
+        return conv3x3(self.out_channels, self.dtype, "conv_out", kernel_init=nn.initializers.zeros)(h)
+
+
+class ControlNetModel(UNet2DConditionModel):
+    """Call: ``apply({"params": p}, sample [B,h,w,Cin], timesteps, encoder_hidden_states [B,T,D],
+    controlnet_cond [B,8h,8w,3] in [0,1], conditioning_scale=1.0)`` → ``(down_residuals, mid_residual)``: one
+    [B, ., ., C] residual per UNet skip connection (conv_in, every down-block layer and downsampler) and one for the
+    middle block, already multiplied by ``conditioning_scale``. ``reference=`` reads a reference bank exactly as
+    the UNet does (the ControlNet's blocks carry the UNet encoder's names).
+    """
+
+    CONFIG_KEYS = ("in_channels", "conditioning_channels", "flip_sin_to_cos", "freq_shift", "down_block_types",
+                   "only_cross_attention", "block_out_channels", "layers_per_block", "downsample_padding",
+                   "mid_block_scale_factor", "norm_num_groups", "norm_eps", "cross_attention_dim",
+                   "transformer_layers_per_block", "attention_head_dim", "num_attention_heads",
+                   "use_linear_projection", "upcast_attention", "controlnet_conditioning_channel_order",
+                   "conditioning_embedding_out_channels", "global_pool_conditions")
+    DEFAULT_ONLY = {k: v for k, v in UNET_DEFAULT_ONLY.items() if k in (
+        "encoder_hid_dim", "encoder_hid_dim_type", "class_embed_type", "addition_embed_type",
+        "addition_time_embed_dim", "num_class_embeds", "resnet_time_scale_shift", "projection_class_embeddings_input_dim",
+        "act_fn", "mid_block_type")}
+    IGNORED_KEYS = ("addition_embed_type_num_heads",)
+
+    conditioning_channels: int = 3
+    controlnet_conditioning_channel_order: str = "rgb"
+    conditioning_embedding_out_channels: Tuple[int, ...] = (16, 32, 96, 256)
+    global_pool_conditions: bool = False
+
+    def _check(self):
+        self._check_encoder()
+        if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
+            raise PMFInputError(f"controlnet_conditioning_channel_order={self.controlnet_conditioning_channel_order!r}"
+                                f" must be 'rgb' or 'bgr'")
+
+    def dummy_inputs(self):
+        sample, t, ctx = super().dummy_inputs()
+        f = 2 ** (len(self.conditioning_embedding_out_channels) - 1)  # 8 for the default (16, 32, 96, 256)
+        cond = jnp.zeros((1, sample.shape[1] * f, sample.shape[2] * f, self.conditioning_channels), self.dtype)
+        return sample, t, ctx, cond
+
+    @nn.compact
+    def __call__(self, sample, timesteps, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,
+                 guess_mode: bool = False, reference=None, reference_config=None, ref_mix=None):
+        self._check()
+        if reference is not None and reference_config is not None:
+            from pmf_jax.reference import prepare_read
+
+            reference, ref_mix = prepare_read(reference, reference_config, sample.shape[0])
+        batch = sample.shape[0]
+        context = encoder_hidden_states.astype(self.dtype)
+        cond = controlnet_cond.astype(self.dtype)
+        if self.controlnet_conditioning_channel_order == "bgr":
+            cond = cond[..., ::-1]
+        temb = self.embed_time(timesteps, batch)
+        h = conv3x3(self.block_out_channels[0], self.dtype, "conv_in")(sample.astype(self.dtype))
+        h = h + ControlNetConditioningEmbedding(self.block_out_channels[0], self.conditioning_embedding_out_channels,
+                                                self.dtype, name="controlnet_cond_embedding")(cond)
+        h, skips, _ = self.encode_down(h, temb, context, reference, ref_mix, False)
+        h, _ = self.middle(h, temb, context, reference, ref_mix, False)
+        down = [conv1x1(s.shape[-1], self.dtype, f"controlnet_down_blocks_{i}", zero_init=True)(s)
+                for i, s in enumerate(skips)]
+        mid = conv1x1(h.shape[-1], self.dtype, "controlnet_mid_block", zero_init=True)(h)
+        scale = jnp.asarray(conditioning_scale, self.dtype)
+        if guess_mode and not self.global_pool_conditions:
+            scales = jnp.logspace(-1.0, 0.0, len(down) + 1, dtype=jnp.float32).astype(self.dtype) * scale
+            down = [d * scales[i] for i, d in enumerate(down)]
+            mid = mid * scales[-1]
+        else:
+            down = [d * scale for d in down]
+            mid = mid * scale
+        if self.global_pool_conditions:
+            down = [jnp.mean(d, axis=(1, 2), keepdims=True) for d in down]
+            mid = jnp.mean(mid, axis=(1, 2), keepdims=True)
+        return tuple(down), mid
+
+    def to_config(self):
+        config = super().to_config()
+        config["mid_block_type"] = "UNetMidBlock2DCrossAttn"
+        return config
+
+
+# Parameters a ControlNet shares with the UNet it is initialised from.
+SHARED_WITH_UNET = ("conv_in", "time_embedding", "down_blocks_", "mid_block")
+
+
+def controlnet_from_unet(unet: UNet2DConditionModel, unet_params, rng, *, conditioning_channels: int = 3,
+                         conditioning_embedding_out_channels: Tuple[int, ...] = (16, 32, 96, 256),
+                         controlnet_conditioning_channel_order: str = "rgb"):
+    """diffusers ``ControlNetModel.from_unet``: the UNet's encoder + middle weights copied, the conditioning
+    embedding freshly initialised (its conv_out zero) and every zero conv zero.
+
+    Returns ``(controlnet_module, controlnet_params)``.
+    """
+    config = {k: getattr(unet, k) for k in ControlNetModel.CONFIG_KEYS if hasattr(unet, k)
+              and k not in ("conditioning_channels", "controlnet_conditioning_channel_order",
+                            "conditioning_embedding_out_channels", "global_pool_conditions")}
+    module = ControlNetModel(**config, conditioning_channels=conditioning_channels,
+                             conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
+                             controlnet_conditioning_channel_order=controlnet_conditioning_channel_order,
+                             dtype=unet.dtype, attention_backend=unet.attention_backend)
+    params = dict(jax.jit(module.init_params)(rng))
+    for name in list(params):
+        if name.startswith(SHARED_WITH_UNET):
+            params[name] = jax.tree_util.tree_map(jnp.array, unet_params[name])
+    return module, params
+

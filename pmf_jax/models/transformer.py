@@ -1,0 +1,129 @@
+"""Spatial transformer (diffusers ``Transformer2DModel`` + ``BasicTransformerBlock``) with the reference hooks.
+
+Reference attention (DESIGN.md, "Appearance Control Module"): a block run with ``write=True`` also returns the
+hidden states that enter its self-attention (after ``norm1``), [B, HW, C]. A block given ``reference`` ([B', HW', C],
+B' dividing B: a guidance batch tiles the bank) computes self-attention with K, V projected by its own to_k/to_v from
+``concat([norm1(x), reference], axis=1)``. ``ref_mix`` ([B] in [0, 1]) blends per sample:
+``out = ref_mix·plain + (1 − ref_mix)·read`` (reference-only's style_fidelity on the unconditional half).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pmf_jax.models.attention import Attention
+from pmf_jax.models.blocks import conv1x1, group_norm
+
+
+def tile_to_batch(bank, batch: int):
+    """[B', L, C] -> [batch, L, C], repeating the whole bank batch (guidance batches stack [uncond; cond])."""
+    if bank.shape[0] == batch:
+        return bank
+    if batch % bank.shape[0]:
+        raise ValueError(f"reference batch {bank.shape[0]} does not divide the query batch {batch}")
+    return jnp.tile(bank, (batch // bank.shape[0], 1, 1))
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward: net_0/proj (dim -> 2·4·dim), x·gelu(gate), net_2 (4·dim -> dim)."""
+
+    dim: int
+    mult: int = 4
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        inner = self.dim * self.mult
+        hidden, gate = jnp.split(_GEGLU(inner, dtype=self.dtype, name="net_0")(x), 2, axis=-1)
+        return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(hidden * jax.nn.gelu(gate, approximate=False))
+
+
+class _GEGLU(nn.Module):
+    inner: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.inner * 2, dtype=self.dtype, name="proj")(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """norm1/attn1 (self, or cross if ``only_cross_attention``), norm2/attn2 (cross), norm3/ff. x: [B, L, dim]."""
+
+    dim: int
+    heads: int
+    dim_head: int
+    only_cross_attention: bool = False
+    upcast_attention: bool = False
+    attention_backend: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, reference=None, ref_mix=None, write: bool = False):
+        attn = lambda name: Attention(self.heads, self.dim_head, upcast=self.upcast_attention,  # noqa: E731
+                                      backend=self.attention_backend, dtype=self.dtype, name=name)
+        h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm1")(x)
+        written = h if write else None
+        attn1 = attn("attn1")
+        if self.only_cross_attention:
+            a = attn1(h, context)  # no self-attention to extend: reference is not read here
+        elif reference is None:
+            a = attn1(h)
+        else:
+            a = attn1(h, kv_extra=tile_to_batch(reference, h.shape[0]))
+            if ref_mix is not None:
+                w = ref_mix.astype(a.dtype)[:, None, None]
+                a = w * attn1(h) + (1 - w) * a
+        x = x + a
+        h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm2")(x)
+        x = x + attn("attn2")(h, context)
+        h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm3")(x)
+        x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(h)
+        return x, written
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm -> proj_in -> transformer blocks -> proj_out, plus the residual. x: [B, H, W, C] -> same.
+
+    ``reference``: {"transformer_blocks_k": [B', HW, C]} (missing keys: that block does not read).
+    Returns (x, written) with written = {"transformer_blocks_k": [B, HW, C]} when ``write`` else {}.
+    """
+
+    heads: int
+    dim_head: int
+    num_layers: int = 1
+    groups: int = 32
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    upcast_attention: bool = False
+    attention_backend: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context, reference: Optional[dict] = None, ref_mix=None, write: bool = False):
+        b, hgt, wid, channels = x.shape
+        inner = self.heads * self.dim_head
+        residual = x
+        x = group_norm(self.groups, 1e-6, self.dtype, "norm")(x)
+        if self.use_linear_projection:
+            x = nn.Dense(inner, dtype=self.dtype, name="proj_in")(x.reshape(b, hgt * wid, channels))
+        else:
+            x = conv1x1(inner, self.dtype, "proj_in")(x).reshape(b, hgt * wid, inner)
+        written = {}
+        for k in range(self.num_layers):
+            name = f"transformer_blocks_{k}"
+            ref_k = None if reference is None else reference.get(name)
+            x, w = BasicTransformerBlock(inner, self.heads, self.dim_head, self.only_cross_attention,
+                                         self.upcast_attention, self.attention_backend, self.dtype,
+                                         name=name)(x, context, ref_k, ref_mix, write)
+            if write:
+                written[name] = w
+        if self.use_linear_projection:
+            x = nn.Dense(channels, dtype=self.dtype, name="proj_out")(x).reshape(b, hgt, wid, channels)
+        else:
+            x = conv1x1(channels, self.dtype, "proj_out")(x.reshape(b, hgt, wid, inner))
+        return x + residual, written
