@@ -25,31 +25,42 @@ CUDNN_MIN_SEQ_LEN = 256
 _CUDNN_HEAD_DIMS_MAX = 256
 
 
-def resolve_backend(backend: str, q_len: int, head_dim: int, dtype) -> str:
-    """Returns the concrete backend for ``backend`` (``auto`` resolved by platform, dtype and shape)."""
+def resolve_backend(backend: str, q_len: int, head_dim: int, dtype, platform: Optional[str] = None) -> str:
+    """Returns the concrete backend for ``backend`` (``auto`` resolved by platform, dtype and shape).
+
+    ``auto``: cuDNN flash on GPU for fp16/bf16 with at least :data:`CUDNN_MIN_SEQ_LEN` query tokens, XLA otherwise
+    (CPU, short sequences, fp32). On TPU ``auto`` stays on XLA until the Pallas kernel is measured there (opt in
+    with ``"flash"``).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is unknown; choose one of {BACKENDS}")
+    platform = platform or jax.default_backend()
+    if backend == "cudnn" and platform != "gpu":
+        raise ValueError(f"attention backend 'cudnn' needs an NVIDIA GPU (this is {platform}); use 'xla' or 'auto'")
+    if backend == "flash" and platform != "tpu":
+        raise ValueError(f"attention backend 'flash' runs on TPU only (this is {platform}); use 'xla' or 'auto'")
     if backend != "auto":
         return backend
-    platform = jax.default_backend()
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if platform == "gpu" and half and q_len >= CUDNN_MIN_SEQ_LEN and head_dim <= _CUDNN_HEAD_DIMS_MAX and head_dim % 8 == 0:
+    if (platform == "gpu" and half and q_len >= CUDNN_MIN_SEQ_LEN and head_dim <= _CUDNN_HEAD_DIMS_MAX
+            and head_dim % 8 == 0):
         return "cudnn"
     return "xla"
 
 
-def _xla_attention(q, k, v, scale: float, upcast: bool):
+def _xla_attention(q, k, v, scale: float, upcast: bool, mask=None):
     # q: [B, Lq, H, D], k/v: [B, Lk, H, D]
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        # The fp32 minimum (not -inf), as transformers does: a fully masked row averages instead of giving NaN.
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 def _flash_tpu_attention(q, k, v, scale: float):
-    if jax.default_backend() != "tpu":
-        raise ValueError("attention backend 'flash' runs on TPU only; use 'xla' or 'auto' here")
     from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
 
     # The Pallas kernel takes [B, H, L, D].
@@ -57,7 +68,8 @@ def _flash_tpu_attention(q, k, v, scale: float):
     return out.transpose(0, 2, 1, 3)
 
 
-def dot_product_attention(q, k, v, *, scale: Optional[float] = None, backend: str = "auto", upcast: bool = False):
+def dot_product_attention(q, k, v, *, scale: Optional[float] = None, backend: str = "auto", upcast: bool = False,
+                          mask=None):
     """softmax(q kᵀ · scale) v.
 
     Args:
@@ -65,6 +77,8 @@ def dot_product_attention(q, k, v, *, scale: Optional[float] = None, backend: st
       scale: logit scale, default D**-0.5.
       backend: one of :data:`BACKENDS`.
       upcast: compute q kᵀ from fp32 copies of q and k (diffusers ``upcast_attention``; the softmax is fp32 always).
+      mask: optional boolean, broadcastable to [B, H, Lq, Lk]; True = attend (causal/padding masks of the text
+        encoder). The ``flash`` backend takes no mask.
     Returns:
       [B, Lq, H, D] in v's dtype.
     """
@@ -72,9 +86,11 @@ def dot_product_attention(q, k, v, *, scale: Optional[float] = None, backend: st
     scale = head_dim**-0.5 if scale is None else scale
     chosen = resolve_backend(backend, q.shape[1], head_dim, q.dtype)
     if chosen == "xla":
-        return _xla_attention(q, k, v, scale, upcast)
+        return _xla_attention(q, k, v, scale, upcast, mask)
     if chosen == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask, implementation="cudnn")
+    if mask is not None:
+        raise ValueError("attention backend 'flash' takes no mask; use 'xla' or 'auto' for masked attention")
     return _flash_tpu_attention(q, k, v, scale)
 
 
