@@ -72,12 +72,12 @@ class ControlNetModel(UNet2DConditionModel):
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,
-                 guess_mode: bool = False, reference=None, reference_config=None, ref_mix=None):
+                 guess_mode: bool = False, reference=None, reference_config=None, ref_mix=None, uncond_mask=None):
         self._check()
         if reference is not None and reference_config is not None:
             from pmf_jax.reference import prepare_read
 
-            reference, ref_mix = prepare_read(reference, reference_config, sample.shape[0])
+            reference, ref_mix = prepare_read(reference, reference_config, sample.shape[0], ref_mix, uncond_mask)
         batch = sample.shape[0]
         context = encoder_hidden_states.astype(self.dtype)
         cond = controlnet_cond.astype(self.dtype)

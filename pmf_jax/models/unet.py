@@ -173,13 +173,13 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin):
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, down_block_additional_residuals=None,
-                 mid_block_additional_residual=None, reference=None, reference_config=None, ref_mix=None,
+                 mid_block_additional_residual=None, reference=None, reference_config=None, ref_mix=None, uncond_mask=None,
                  write_reference: bool = False):
         self._check()
         if reference is not None and reference_config is not None:
             from pmf_jax.reference import prepare_read
 
-            reference, ref_mix = prepare_read(reference, reference_config, sample.shape[0])
+            reference, ref_mix = prepare_read(reference, reference_config, sample.shape[0], ref_mix, uncond_mask)
         n = len(self.down_block_types)
         batch = sample.shape[0]
         sample = sample.astype(self.dtype)
