@@ -101,6 +101,7 @@ def from_pretrained(path_or_repo_id, subfolder: Optional[str] = None, dtype=jnp.
     cls = model_class_for_config(config, folder)
     module = cls.from_config(config, dtype=dtype, attention_backend=attention_backend)
     state = load_state_dict(folder, cls.WEIGHTS_STEM, variant=variant, allow_pickle=allow_pickle)
+    state = cls.normalize_state_dict(state)
     abstract = module.abstract_params()
     params = state_dict_to_params(state, abstract, source=str(folder), ignore_unexpected=cls.IGNORE_UNEXPECTED)
     target = jnp.dtype(param_dtype or dtype)
