@@ -22,7 +22,7 @@ test: $(STAMP)
 	bash tests/run_all.sh $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m pmf_jax.demo
+	$(PY) -m train.demo
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,150 @@
+"""The models a PMF training run uses, loaded (SD1.5 folders) or created from a config (tiny runs), and which train.
+
+Parts: ``unet`` (denoising UNet), ``reference_unet`` (the ACM's writer), ``controlnet`` (pose ControlNet, stage 2),
+the autoencoder (SD VAE, or the identity in pixel space) and the text context (CLIP on the empty prompt, or zeros
+for prompt-free tiny models). Stage 1 trains ``reference_unet``; stage 2 trains ``reference_unet`` + ``controlnet``;
+``train.trainable`` overrides (a tiny model with no pretrained base trains all three).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pmf_jax.errors import PMFInputError
+from pmf_jax.io import from_pretrained
+from pmf_jax.io.hub import resolve_folder
+from pmf_jax.models.controlnet import ControlNetModel, controlnet_from_unet
+from pmf_jax.models.unet import UNet2DConditionModel
+from pmf_jax.schedulers import make_scheduler
+
+PARTS = ("unet", "reference_unet", "controlnet")
+DEFAULT_NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                          "beta_end": 0.012}
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+    """Modules (static) of a run; their parameters live in ``params`` / the train state."""
+
+    unet: UNet2DConditionModel
+    reference_unet: UNet2DConditionModel
+    controlnet: Optional[ControlNetModel]
+    autoencoder: Any
+    noise_scheduler: Any
+    trainable: Tuple[str, ...]
+    context_shape: Tuple[int, int]  # [T, D] of the (empty-prompt) text context
+
+    def encode(self, ae_params, images):
+        """images [B, H, W, 3] in [-1, 1] -> latents [B, h, w, C], scaled (the mean of the posterior)."""
+        mean, _ = self.autoencoder.apply({"params": ae_params}, images, method=self.autoencoder.encode)
+        return mean * self.autoencoder.scaling_factor
+
+    def decode(self, ae_params, latents):
+        return self.autoencoder.apply({"params": ae_params}, latents / self.autoencoder.scaling_factor,
+                                      method=self.autoencoder.decode)
+
+
+def trainable_parts(train_cfg) -> Tuple[str, ...]:
+    if train_cfg.trainable:
+        bad = [p for p in train_cfg.trainable if p not in PARTS]
+        if bad:
+            raise PMFInputError(f"config train.trainable has unknown parts {bad}; parts: {list(PARTS)}")
+        return tuple(train_cfg.trainable)
+    return ("reference_unet",) if train_cfg.stage == 1 else ("reference_unet", "controlnet")
+
+
+def _read_json(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise PMFInputError(f"config model.unet_config: {path} is not a file")
+    return json.loads(file.read_text())
+
+
+def build(cfg, rng) -> Tuple[Components, Dict[str, Any], Dict[str, Any]]:
+    """Loads or creates every part.
+
+    Returns ``(components, params, frozen)``: ``params`` {part: tree} of every UNet-like part (trainable or not),
+    ``frozen`` {"autoencoder": tree, "context": [1, T, D] array} of what never trains.
+    """
+    m = cfg.model
+    dtype = jnp.dtype(m.dtype)
+    trainable = trainable_parts(cfg.train)
+    params: Dict[str, Any] = {}
+    rng_unet, rng_cn = jax.random.split(rng)
+    kw = dict(dtype=dtype, attention_backend=m.attention_backend)
+    if m.base:
+        unet, params["unet"] = from_pretrained(m.base, "unet", revision=m.revision, param_dtype=jnp.float32, **kw)
+    elif m.unet_config:
+        unet = UNet2DConditionModel.from_config(_read_json(m.unet_config), **kw)
+        params["unet"] = jax.jit(unet.init_params)(rng_unet)
+    else:
+        raise PMFInputError("config model.base (an SD folder/repo) or model.unet_config (a UNet config.json for a "
+                            "randomly initialised model) must be set")
+    if m.reference_unet:
+        ref_unet, params["reference_unet"] = from_pretrained(m.reference_unet, param_dtype=jnp.float32, **kw)
+    else:  # the ACM starts as a copy of the base UNet (MagicPose)
+        ref_unet, params["reference_unet"] = unet, jax.tree_util.tree_map(jnp.array, params["unet"])
+    autoencoder, ae_params, context = _autoencoder_and_context(cfg, unet, dtype)
+    controlnet = None
+    if cfg.train.stage == 2 or "controlnet" in trainable:
+        if m.controlnet:
+            controlnet, params["controlnet"] = from_pretrained(m.controlnet, param_dtype=jnp.float32, **kw)
+        else:  # the pose image enters at pixel resolution: one stride-2 stage per factor 2 of the autoencoder
+            stages = int(np.log2(autoencoder.downscale_factor)) + 1
+            controlnet, params["controlnet"] = controlnet_from_unet(
+                unet, params["unet"], rng_cn, conditioning_embedding_out_channels=(16, 32, 96, 256)[:stages])
+    noise_scheduler = _noise_scheduler(m)
+    components = Components(unet, ref_unet, controlnet, autoencoder, noise_scheduler, trainable,
+                            tuple(context.shape[1:]))
+    frozen_dtype = jnp.dtype(m.frozen_param_dtype)
+    for part in params:
+        if part not in trainable:
+            params[part] = jax.tree_util.tree_map(lambda a: a.astype(frozen_dtype), params[part])
+    frozen = {"autoencoder": jax.tree_util.tree_map(lambda a: a.astype(frozen_dtype), ae_params), "context": context}
+    return components, params, frozen
+
+
+def _autoencoder_and_context(cfg, unet, dtype):
+    m = cfg.model
+    if m.autoencoder == "identity":
+        from pmf_jax.models.identity_vae import IdentityAutoencoder
+
+        autoencoder, ae_params = IdentityAutoencoder(patch_size=m.pixel_patch_size), {}
+    else:
+        if not m.base:
+            raise PMFInputError("config model.autoencoder=vae needs model.base (an SD folder with vae/)")
+        autoencoder, ae_params = from_pretrained(m.base, "vae", revision=m.revision, dtype=dtype)
+    ctx_dim = unet.cross_attention_dim if isinstance(unet.cross_attention_dim, int) else unet.cross_attention_dim[0]
+    if m.base and m.text_encoder:
+        context = _empty_prompt_context(m, dtype)
+    else:  # prompt-free tiny models: one all-zeros token
+        context = jnp.zeros((1, 1, ctx_dim), dtype)
+    return autoencoder, ae_params, context
+
+
+def _empty_prompt_context(m, dtype):
+    """CLIP encoding of the empty prompt [1, 77, D]: the pose-pair datasets have no captions, so training runs on
+    the empty prompt (what text dropout would give) and the text encoder runs once, up front."""
+    from pmf_jax.models.clip_text import load_tokenizer
+
+    encoder, enc_params = from_pretrained(m.base, "text_encoder", revision=m.revision, dtype=dtype)
+    tokenizer = load_tokenizer(m.base, subfolder="tokenizer")
+    ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="np").input_ids
+    return jax.jit(encoder.apply)({"params": enc_params}, np.asarray(ids, np.int32))
+
+
+def _noise_scheduler(m):
+    if m.base:
+        folder = resolve_folder(m.base, revision=m.revision)
+        path = folder / "scheduler" / "scheduler_config.json"
+        if path.is_file():
+            return make_scheduler("ddpm", json.loads(path.read_text()))
+    return make_scheduler("ddpm", DEFAULT_NOISE_SCHEDULE)

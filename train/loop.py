@@ -1,0 +1,169 @@
+"""``train_and_evaluate``: the PMF trainer, top to bottom in sections (mesh, models, shardings, input, checkpoint,
+compile, loop)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from pmf_jax import input_pipeline
+from pmf_jax.config import Config, save_config
+from pmf_jax.errors import PMFInputError
+from pmf_jax.parallel import (batch_sharding, make_global_batch, make_mesh, num_batch_shards, opt_state_shardings,
+                              param_shardings, replicated, rules_from_config)
+from train import checkpointing, components as components_lib
+from train.logs import MetricWriter, Throughput, log
+from train.state import TrainState, bind_step, init_state, make_optimizer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+def maybe_initialize_distributed() -> None:
+    """Multi-host: ``jax.distributed.initialize()`` when launched that way (coordinator address in the env)."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("PMF_DISTRIBUTED") == "1":
+        jax.distributed.initialize(initialization_timeout=int(os.environ.get("PMF_INIT_TIMEOUT", "900")))
+
+
+def state_shardings(abstract: TrainState, mesh, rules) -> TrainState:
+    params_sh = param_shardings(abstract.params, mesh, rules)
+    return TrainState(step=replicated(mesh), params=params_sh,
+                      opt_state=opt_state_shardings(abstract.opt_state, abstract.params, params_sh, mesh),
+                      ema_params=None if abstract.ema_params is None else params_sh, rng=replicated(mesh))
+
+
+def _write_run_info(run_dir: Path, cfg: Config, comps) -> None:
+    if jax.process_index() != 0:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    info = {"trainable": list(comps.trainable), "reference": dataclasses.asdict(cfg.reference),
+            "base": cfg.model.base, "autoencoder": cfg.model.autoencoder,
+            "models": {"unet": comps.unet.to_config(), "reference_unet": comps.reference_unet.to_config(),
+                       "controlnet": comps.controlnet.to_config() if comps.controlnet is not None else None}}
+    (run_dir / "components.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None) -> Dict[str, float]:
+    """Trains until ``cfg.train.steps`` (or ``max_steps`` more steps this call); resumes from the latest checkpoint.
+
+    Returns the last logged metrics. Exits early (after saving) when SIGTERM arrives.
+    """
+    maybe_initialize_distributed()
+    tc = cfg.train
+    run_dir = Path(tc.output_dir)
+
+    # ---- Mesh ----------------------------------------------------------------------------------------------------
+    mesh = make_mesh(cfg.mesh)
+    rules = rules_from_config(cfg.mesh)
+    shards = num_batch_shards(mesh, rules)
+    if cfg.data.batch_size % (shards * jax.process_count()) or cfg.data.batch_size % jax.process_count():
+        raise PMFInputError(f"config data.batch_size={cfg.data.batch_size} must divide by the data-parallel size "
+                            f"({shards} = data x fsdp) and the process count ({jax.process_count()})")
+    local_batch = cfg.data.batch_size // jax.process_count()
+
+    # ---- Models ----------------------------------------------------------------------------------------------------
+    rng = jax.random.key(tc.seed)
+    init_rng, state_rng = jax.random.split(rng)
+    comps, params, frozen = components_lib.build(cfg, init_rng)
+    _write_run_info(run_dir, cfg, comps)
+    trainable = {part: params[part] for part in comps.trainable}
+    frozen_params = {part: p for part, p in params.items() if part not in comps.trainable}
+    reference_cfg = cfg.reference.to_reference_config()
+    if cfg.reference.mode == "reference_only":
+        comps = dataclasses.replace(comps, reference_unet=comps.unet)
+
+    # ---- Shardings: eval_shape -> rules -> jit(init, out_shardings) ---------------------------------------------
+    tx = make_optimizer(tc)
+    abstract = jax.eval_shape(lambda p: init_state(p, tx, tc, state_rng), trainable)
+    state_sh = state_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda p: init_state(p, tx, tc, state_rng), out_shardings=state_sh)(trainable)
+    del trainable
+    frozen_params_sh = param_shardings(frozen_params, mesh, rules)
+    frozen_params = jax.device_put(frozen_params, frozen_params_sh)
+    frozen_sh = jax.tree_util.tree_map(lambda _: replicated(mesh), frozen)
+    frozen = jax.device_put(frozen, frozen_sh)
+
+    # ---- Input pipeline ----------------------------------------------------------------------------------------
+    loader = input_pipeline.make_loader(
+        cfg.data.name, cfg.data.split, cfg.data.data_dir, local_batch, cfg.data.height_width,
+        config=cfg.data.builder_config, seed=tc.seed, shuffle=True, augment=cfg.data.augment,
+        worker_count=cfg.data.workers)
+    iterator = iter(loader)
+
+    # ---- Checkpoint: resume from the latest one ------------------------------------------------------------------
+    manager = checkpointing.make_manager(run_dir, tc.keep_checkpoints)
+    start = 0
+    if manager.latest_step() is not None:
+        target = checkpointing.abstract_like(state, state_sh)
+        state, iterator_state, start = checkpointing.restore(manager, target)
+        if iterator_state is not None:
+            iterator.set_state(iterator_state)
+        log(f"resumed from {manager.directory}/{start}")
+    end = tc.steps if max_steps is None else min(tc.steps, start + max_steps)
+
+    # ---- Compile the update step ahead of time ---------------------------------------------------------------------
+    step_fn = bind_step(comps, tx, tc, reference_cfg)
+    batch_sh = batch_sharding(mesh, None, rules)
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_params_sh, frozen_sh, batch_sh),
+                     out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
+    first = make_global_batch(next(iterator), mesh, rules) if start < end else None
+    compiled = None
+    if first is not None:
+        compiled = jitted.lower(state, frozen_params, frozen, first).compile()
+        memory = compiled.memory_analysis()
+        if memory is not None:
+            log(f"train step compiled: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, temporaries "
+                f"{memory.temp_size_in_bytes / 2**20:.1f} MiB, outputs {memory.output_size_in_bytes / 2**20:.1f} MiB")
+
+    # ---- Loop ----------------------------------------------------------------------------------------------------
+    writer = MetricWriter(run_dir)
+    preempted = checkpointing.PreemptionFlag().install()
+    speed = Throughput()
+    last: Dict[str, float] = {}
+    bar = tqdm(total=end, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+    step = start
+    try:
+        batch = first
+        while step < end:
+            state, metrics = compiled(state, frozen_params, frozen, batch)
+            step += 1
+            speed.add(cfg.data.batch_size)
+            bar.update(1)
+            must_save = step % tc.checkpoint_every == 0 or step == end or bool(preempted)
+            if step % tc.log_every == 0 or must_save:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not all(math.isfinite(v) for v in last.values()):
+                    raise TrainingDiverged(
+                        f"loss became non-finite at step {step} ({last}); the last good checkpoint "
+                        f"{manager.latest_step()} in {manager.directory} is kept")
+                rate = speed.rate()
+                if rate:
+                    last["images_per_s"] = rate
+                writer.scalars(step, last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last.get('images_per_s', 0):.1f}")
+            if must_save:
+                checkpointing.save(manager, step, state, iterator.get_state())
+            if preempted:
+                log(f"SIGTERM: saved step {step}, exiting")
+                break
+            if step < end:
+                batch = make_global_batch(next(iterator), mesh, rules)
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        preempted.uninstall()
+    last["step"] = step
+    return last

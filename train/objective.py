@@ -1,0 +1,63 @@
+"""The PMF training loss: denoise the target latent given the source (through the reference bank) and the pose.
+
+    x0 = E(target), r = E(source), t ~ U{0..T-1}, x_t = add_noise(x0, ε, t)
+    bank = reference_unet.write(r [noised to t if configured], t or 0)
+    residuals = controlnet(x_t, t, pose [, bank])                      (stage 2)
+    pred = unet(x_t, t, ctx, residuals, reference=bank, ref_mix=drop)   drop: per-sample reference dropout
+    loss = mean_b w_b · mean((pred − target_b)²)                         target ε or v; w: min-SNR-γ (optional)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import jax
+import jax.numpy as jnp
+
+from pmf_jax.reference import ReferenceConfig, write_inputs
+
+
+def min_snr_weights(snr, gamma: float, prediction_type: str):
+    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v."""
+    clipped = jnp.minimum(snr, gamma)
+    return clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr
+
+
+def pmf_loss(params: Dict[str, Any], frozen: Dict[str, Any], batch: Dict[str, jax.Array], rng, *, components,
+             train_cfg, reference_cfg: ReferenceConfig):
+    """Returns (loss, metrics). params: {part: tree} for every UNet-like part; batch: see input_pipeline."""
+    c = components
+    sched = c.noise_scheduler
+    k_t, k_noise, k_offset, k_drop, k_ref_noise = jax.random.split(rng, 5)
+    images = jnp.concatenate([batch["target"], batch["source"]], axis=0)
+    latents = jax.lax.stop_gradient(c.encode(frozen["autoencoder"], images))
+    x0, ref_latents = jnp.split(latents.astype(jnp.float32), 2, axis=0)
+    b = x0.shape[0]
+    context = jnp.broadcast_to(frozen["context"], (b, *frozen["context"].shape[1:]))
+
+    t = jax.random.randint(k_t, (b,), 0, sched.num_train_timesteps)
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    if train_cfg.noise_offset:
+        noise = noise + train_cfg.noise_offset * jax.random.normal(k_offset, (b, 1, 1, x0.shape[-1]), jnp.float32)
+    x_t = sched.add_noise(x0, noise, t)
+    target = sched.velocity(x0, noise, t) if train_cfg.prediction_type == "v_prediction" else noise
+
+    ref_in, ref_t = write_inputs(reference_cfg, ref_latents, t, jax.random.normal(k_ref_noise, ref_latents.shape),
+                                 sched.add_noise)
+    bank = c.reference_unet.apply({"params": params["reference_unet"]}, ref_in, ref_t, context,
+                                  method=c.reference_unet.write_reference)
+    # Reference dropout for appearance guidance: dropped rows attend plainly (ref_mix = 1).
+    ref_mix = (jax.random.uniform(k_drop, (b,)) < train_cfg.reference_drop_prob).astype(jnp.float32)
+    residuals = {}
+    if c.controlnet is not None:
+        read = dict(reference=bank, reference_config=reference_cfg, ref_mix=ref_mix) \
+            if reference_cfg.controlnet_reads_reference else {}
+        down, mid = c.controlnet.apply({"params": params["controlnet"]}, x_t, t, context, batch["pose"], **read)
+        residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    pred = c.unet.apply({"params": params["unet"]}, x_t, t, context, reference=bank, reference_config=reference_cfg,
+                        ref_mix=ref_mix, **residuals)
+    per_sample = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
+    if train_cfg.min_snr_gamma:
+        per_sample = per_sample * min_snr_weights(sched.snr(t), train_cfg.min_snr_gamma, train_cfg.prediction_type)
+    loss = jnp.mean(per_sample)
+    return loss, {"loss": loss, "reference_dropped": jnp.mean(ref_mix)}
