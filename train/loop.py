@@ -18,8 +18,8 @@ from tqdm import tqdm
 from pmf_jax import input_pipeline
 from pmf_jax.config import Config, save_config
 from pmf_jax.errors import PMFInputError
-from pmf_jax.parallel import (batch_sharding, make_global_batch, make_mesh, num_batch_shards, opt_state_shardings,
-                              param_shardings, replicated, rules_from_config)
+from pmf_jax.parallel import (batch_sharding, jit_sharded, make_global_batch, make_mesh, num_batch_shards,
+                              opt_state_shardings, param_shardings, replicated, rules_from_config)
 from train import checkpointing, components as components_lib
 from train.logs import MetricWriter, Throughput, log
 from train.state import TrainState, bind_step, init_state, make_optimizer
@@ -115,8 +115,8 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None) -> Dict[
     # ---- Compile the update step ahead of time ---------------------------------------------------------------------
     step_fn = bind_step(comps, tx, tc, reference_cfg)
     batch_sh = batch_sharding(mesh, None, rules)
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, frozen_params_sh, frozen_sh, batch_sh),
-                     out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
+    jitted = jit_sharded(step_fn, mesh, (state_sh, frozen_params_sh, frozen_sh, batch_sh),
+                         (state_sh, "replicated"), donate_argnums=(0,), rules=rules)
     first = make_global_batch(next(iterator), mesh, rules) if start < end else None
     compiled = None
     if first is not None:

@@ -17,6 +17,10 @@ import jax.numpy as jnp
 
 from pmf_jax.models.attention import Attention
 from pmf_jax.models.blocks import conv1x1, group_norm
+from pmf_jax.parallel.rules import with_logical_constraint
+
+# The bank keeps the batch split of the latents it came from, so the K/V concat is local to each device.
+_BANK_AXES = ("batch", None, None)
 
 
 def tile_to_batch(bank, batch: int):
@@ -67,14 +71,14 @@ class BasicTransformerBlock(nn.Module):
         attn = lambda name: Attention(self.heads, self.dim_head, upcast=self.upcast_attention,  # noqa: E731
                                       backend=self.attention_backend, dtype=self.dtype, name=name)
         h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm1")(x)
-        written = h if write else None
+        written = with_logical_constraint(h, _BANK_AXES) if write else None
         attn1 = attn("attn1")
         if self.only_cross_attention:
             a = attn1(h, context)  # no self-attention to extend: reference is not read here
         elif reference is None:
             a = attn1(h)
         else:
-            a = attn1(h, kv_extra=tile_to_batch(reference, h.shape[0]))
+            a = attn1(h, kv_extra=with_logical_constraint(tile_to_batch(reference, h.shape[0]), _BANK_AXES))
             if ref_mix is not None:
                 w = ref_mix.astype(a.dtype)[:, None, None]
                 a = w * attn1(h) + (1 - w) * a

@@ -22,7 +22,7 @@ from pmf_jax.parallel.mesh import mesh_axis_sizes
 
 # `%name = f32[2,4]{1,0} op(...)` or a tuple result `%name = (f32[2]{0}, s32[]) op(...)`.
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*"            # name
-                    r"(\([^=]*?\)|[a-z]\w*\[[^\]]*\](?:\{[^}]*\})?)\s+"   # result shape (or tuple of shapes)
+                    r"(\(.*?\)|[a-z]\w*\[[^\]]*\](?:\{[^}]*\})?)\s+"      # result shape (or tuple; big tuples carry /*index=N*/)
                     r"([\w\-]+)\((.*)$")                                   # opcode(operands...
 _ARRAY = re.compile(r"[a-z]\w*\[([^\]]*)\]")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
