@@ -140,7 +140,8 @@ class TrainConfig(_Section):
     ema_decay: Optional[float] = _field(None, check=(lambda v: v is None or 0.0 <= v < 1.0,
                                                      "must be in [0, 1) or null"),
                                         doc="null: no EMA copy of the trained params")
-    prediction_type: str = _field("epsilon", choices=("epsilon", "v_prediction"))
+    prediction_type: str = _field("epsilon", choices=("epsilon", "v_prediction", "sample"),
+                                  doc="the UNet's target: noise, velocity, or the clean latent (sample)")
     min_snr_gamma: Optional[float] = _field(None, check=_OPT_NON_NEGATIVE, doc="Min-SNR loss weighting; null: off")
     noise_offset: float = _field(0.0, check=_NON_NEGATIVE)
     text_drop_prob: float = _field(0.05, check=_PROB, doc="P(empty prompt), for classifier-free guidance")

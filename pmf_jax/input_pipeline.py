@@ -65,6 +65,10 @@ def builder(name: str, data_dir: str | Path, config=None, **builder_kwargs):
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core import read_only_builder
 
+    if data_dir is None:  # the TFDS default folder (~/tensorflow_datasets or $TFDS_DATA_DIR)
+        from tensorflow_datasets.core import constants
+
+        data_dir = constants.DATA_DIR
     try:
         cls = builder_class(name)
     except PMFInputError:

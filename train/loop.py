@@ -54,17 +54,18 @@ def _write_run_info(run_dir: Path, cfg: Config, comps) -> None:
     (run_dir / "components.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None) -> Dict[str, float]:
+def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=None) -> Dict[str, float]:
     """Trains until ``cfg.train.steps`` (or ``max_steps`` more steps this call); resumes from the latest checkpoint.
 
-    Returns the last logged metrics. Exits early (after saving) when SIGTERM arrives.
+    ``devices``: the devices of the mesh (default: all). Returns the last logged metrics. Returns early (after
+    saving) when SIGTERM arrives.
     """
     maybe_initialize_distributed()
     tc = cfg.train
     run_dir = Path(tc.output_dir)
 
     # ---- Mesh ----------------------------------------------------------------------------------------------------
-    mesh = make_mesh(cfg.mesh)
+    mesh = make_mesh(cfg.mesh, devices=devices)
     rules = rules_from_config(cfg.mesh)
     shards = num_batch_shards(mesh, rules)
     if cfg.data.batch_size % (shards * jax.process_count()) or cfg.data.batch_size % jax.process_count():

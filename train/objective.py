@@ -4,7 +4,7 @@
     bank = reference_unet.write(r [noised to t if configured], t or 0)
     residuals = controlnet(x_t, t, pose [, bank])                      (stage 2)
     pred = unet(x_t, t, ctx, residuals, reference=bank, ref_mix=drop)   drop: per-sample reference dropout
-    loss = mean_b w_b · mean((pred − target_b)²)                         target ε or v; w: min-SNR-γ (optional)
+    loss = mean_b w_b · mean((pred − target_b)²)                         target ε, v or x0; w: min-SNR-γ (optional)
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from pmf_jax.reference import ReferenceConfig, write_inputs
 
 
 def min_snr_weights(snr, gamma: float, prediction_type: str):
-    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v."""
+    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v,
+    min(SNR, γ) for x0 (sample)."""
     clipped = jnp.minimum(snr, gamma)
-    return clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr
+    return {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1.0), "sample": clipped}[prediction_type]
 
 
 def pmf_loss(params: Dict[str, Any], frozen: Dict[str, Any], batch: Dict[str, jax.Array], rng, *, components,
@@ -40,7 +41,7 @@ def pmf_loss(params: Dict[str, Any], frozen: Dict[str, Any], batch: Dict[str, ja
     if train_cfg.noise_offset:
         noise = noise + train_cfg.noise_offset * jax.random.normal(k_offset, (b, 1, 1, x0.shape[-1]), jnp.float32)
     x_t = sched.add_noise(x0, noise, t)
-    target = sched.velocity(x0, noise, t) if train_cfg.prediction_type == "v_prediction" else noise
+    target = {"epsilon": noise, "v_prediction": sched.velocity(x0, noise, t), "sample": x0}[train_cfg.prediction_type]
 
     ref_in, ref_t = write_inputs(reference_cfg, ref_latents, t, jax.random.normal(k_ref_noise, ref_latents.shape),
                                  sched.add_noise)
