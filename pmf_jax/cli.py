@@ -1,0 +1,58 @@
+"""The ``pmf`` console script: a dispatcher over subcommands, each a module of :mod:`pmf_jax.commands`.
+
+A subcommand module exports ``add_parser(subparsers)`` (adds its argparse sub-parser) and ``run(args) -> int``
+(the exit status); register it in :data:`COMMANDS`. Modules keep their heavy imports (JAX, models) inside ``run``,
+so ``pmf X --help`` and input errors answer at once. A :class:`~pmf_jax.errors.PMFInputError` anywhere becomes one
+line ``error: ...`` on stderr and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from pmf_jax import __version__
+from pmf_jax.errors import PMFInputError
+
+# name -> module (imported when the parser is built; imports must stay light)
+COMMANDS = {
+    "retarget": "pmf_jax.commands.retarget",
+    "enhance": "pmf_jax.commands.enhance",
+    "pose": "pmf_jax.commands.pose",
+    "eval": "pmf_jax.commands.eval",
+}
+
+INPUT_ERROR_STATUS = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pmf", description="PoseMaster Fusion: diffusion-based 2D human pose "
+                                                             "retargeting in JAX.")
+    parser.add_argument("--version", action="version", version=f"pmf_jax {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS.values():
+        importlib.import_module(module).add_parser(subparsers)
+    return parser
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (e.g. a list of missing checkpoint keys) joined into one line."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(importlib.import_module(COMMANDS[args.command]).run(args) or 0)
+    except PMFInputError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return INPUT_ERROR_STATUS
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

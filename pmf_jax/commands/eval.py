@@ -1,0 +1,98 @@
+"""``pmf eval generate`` and ``pmf eval score``: retarget a dataset split's pairs, then score the images against the
+ground truth (SSIM, PSNR, LPIPS, FID, CLIP score). The work is in :mod:`pmf_jax.evaluation`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pmf_jax.commands import options
+
+METRICS = ("ssim", "psnr", "lpips", "fid", "clip_score")  # = pmf_jax.evaluation.METRICS (no JAX import here)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="generate a dataset split's pairs and score them",
+                              description="Evaluation on a prepared TFDS pose-pair dataset "
+                                          "(see data/<name>/README.md).")
+    sub = p.add_subparsers(dest="eval_command", metavar="STEP", required=True)
+
+    g = sub.add_parser(
+        "generate", help="run the retarget pipeline over a split's pairs (resumable)",
+        description="Writes <source>___<target>.png for every pair of the split into --out, skipping pairs already "
+                    "there, and generation.json (the settings). Models, dataset, resolution, batch size and sampling "
+                    "come from the config (pmf_jax/config.py): model.*, reference.*, data.*, sampling.*.")
+    g.add_argument("--config", help="YAML config (default: the schema's defaults)")
+    g.add_argument("--split", help="split to generate (default: the config's data.eval_split)")
+    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--prompt", default="", help="text prompt for every pair (default: empty; recorded for CLIP score)")
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--limit", type=options.positive_int, help="only the first N pairs (smoke runs)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. sampling.steps=50")
+
+    s = sub.add_parser(
+        "score", help="score generated images against the ground truth",
+        description="SSIM and PSNR (scikit-image's protocol settings), LPIPS (AlexNet), FID (Inception, against the "
+                    "training images) and, for prompted runs, CLIP score. Metric weights are read from --weights-dir, "
+                    "$PMF_METRIC_WEIGHTS or the torch hub cache, never downloaded: a metric without them is "
+                    "reported unavailable with the reason. Writes <out>.json and <out>.md.")
+    s.add_argument("--generated", required=True, help="folder of <source>___<target>.png images (pmf eval generate)")
+    s.add_argument("--dataset", default="deepfashion_pairs/256x176", help="NAME[/CONFIG] (default: %(default)s)")
+    s.add_argument("--data-dir", help="TFDS data_dir the dataset was built into (default: TFDS's)")
+    s.add_argument("--split", default="test", help="(default: %(default)s)")
+    s.add_argument("--fid-reference", default="train",
+                   help="FID reference: a split (its distinct images) or an .npz of statistics (default: %(default)s)")
+    s.add_argument("--metrics", default=",".join(METRICS), help="comma-separated subset (default: all)")
+    s.add_argument("--weights-dir", help="folder with alexnet-owt-7be5be79.pth (LPIPS) and "
+                                         "pt_inception-2015-12-05-6726825d.pth (FID)")
+    s.add_argument("--clip-model", default="openai/clip-vit-base-patch16",
+                   help="CLIP folder or repo id in the local Hugging Face cache (default: %(default)s)")
+    s.add_argument("--prompt", help="prompt for CLIP score (default: the one in generation.json)")
+    s.add_argument("--stats-cache", help="FID reference statistics cache (default: ~/.cache/pmf_jax/fid_stats)")
+    s.add_argument("--batch-size", type=options.positive_int, default=16, help="(default: %(default)s)")
+    s.add_argument("--ssim-sigma", type=float, default=1.5, help="SSIM Gaussian sigma (default: %(default)s; "
+                                                                  "PCDMs' script used 1.2)")
+    s.add_argument("--out", help="report path without extension (default: <generated>/scores)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def run(args) -> int:
+    return _generate(args) if args.eval_command == "generate" else _score(args)
+
+
+def _generate(args) -> int:
+    from pmf_jax.config import load_config
+    from pmf_jax.evaluation import generate
+
+    cfg = load_config(args.config, args.overrides)
+    summary = generate(cfg, args.out, split=args.split, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                       limit=args.limit, progress=not args.no_progress)
+    print(f"{summary.out_dir}: {summary.generated} images generated, {summary.skipped} already there "
+          f"({summary.total} pairs)")
+    return 0
+
+
+def _score(args) -> int:
+    from pmf_jax.errors import PMFInputError
+    from pmf_jax.evaluation import parse_dataset, score, write_report
+    from pmf_jax.evaluation.report import COLUMNS, format_value
+
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise PMFInputError(f"--metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    name, config = parse_dataset(args.dataset)
+    results = score(args.generated, name, config, args.data_dir, split=args.split, fid_reference=args.fid_reference,
+                    weights_dir=args.weights_dir, clip_model=args.clip_model, prompt=args.prompt, metrics=metrics,
+                    stats_cache=args.stats_cache, batch_size=args.batch_size, ssim_sigma=args.ssim_sigma,
+                    progress=not args.no_progress)
+    json_path, md_path = write_report(results, args.out or Path(args.generated) / "scores")
+    for key, title, fmt in COLUMNS:
+        entry = results["metrics"].get(key)
+        if entry is not None:
+            text = format_value(entry["value"], fmt) if entry["available"] else f"unavailable ({entry['reason']})"
+            print(f"{title.rstrip(' ↑↓')}: {text}")
+    print(f"wrote {json_path} and {md_path}")
+    return 0

@@ -1,0 +1,78 @@
+"""Argument helpers shared by the sampling subcommands (no heavy imports)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+# Literal copies so that building the parser does not import JAX; tests check them against the libraries.
+SCHEDULER_NAMES = ("ddpm", "ddim", "euler", "dpmpp_2m", "unipc")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "flash")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def seed_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"{value} must lie in [0, 2**32)")
+    return value
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, default_steps: int = 20) -> None:
+    """Sampling options shared by the commands: negative prompt, steps, scheduler, seed, resolution."""
+    parser.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
+    parser.add_argument("--steps", type=positive_int, default=default_steps,
+                        help="denoising steps (default: %(default)s)")
+    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="unipc", help="sampler (default: %(default)s)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--height", type=int, help="output height, a multiple of 8 (default: the input's resolution "
+                                                   "bucket, sides from 256/384/512/640/768)")
+    parser.add_argument("--width", type=int, help="output width, a multiple of 8 (give both or neither)")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--dtype", choices=DTYPES, default="auto",
+                       help="parameter and compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+    group.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
+    group.add_argument("--cache-dir", help="JAX persistent compilation cache (default: $PMF_JAX_CACHE_DIR or "
+                                           "~/.cache/pmf_jax/jax_cache)")
+    group.add_argument("--no-cache", action="store_true", help="do not use the persistent compilation cache")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def runtime_kwargs(args) -> dict:
+    """Keyword arguments of the pipelines' ``from_pretrained`` from the runtime options."""
+    from pmf_jax.pipelines.common import enable_compilation_cache
+
+    cache = False if args.no_cache else args.cache_dir
+    enable_compilation_cache(cache)  # before anything compiles
+    return dict(dtype=args.dtype, attention_backend=args.attention_backend, compilation_cache=cache)
+
+
+def write_settings(path: Path, args, **extra) -> None:
+    """The command's arguments and the resolved values as JSON."""
+    import jax
+
+    settings = {k: v for k, v in sorted(vars(args).items()) if k != "func"}
+    settings.update(extra)
+    settings["environment"] = {"jax": jax.__version__, "backend": jax.default_backend(),
+                               "devices": jax.device_count(), "python": platform.python_version(),
+                               "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path.write_text(json.dumps(settings, indent=2, default=str) + "\n")

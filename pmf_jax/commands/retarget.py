@@ -1,0 +1,118 @@
+"""``pmf retarget``: the source person in a target pose; writes result PNGs, a grid (source | pose | results) and
+the settings as JSON."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pmf_jax.commands import options
+from pmf_jax.commands.pose import add_fit_argument, add_pose_input_arguments, pose_condition_from_args
+from pmf_jax.errors import PMFInputError
+from pmf_jax.pipelines.images import check_resolution, image_row, load_image, resolve_size
+
+MODES = ("acm", "reference_only", "controlnet_only")  # = pmf_jax.pipelines.MODES (no JAX import here)
+POSE_KINDS = ("auto", "image", "skeleton", "keypoints")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "retarget", help="generate the source person in a target pose",
+        description="Generates the person of --source in the pose of --pose with a Stable Diffusion model, an "
+                    "OpenPose ControlNet and (modes acm / reference_only) the reference bank. Writes "
+                    "result_XX.png, pose.png, grid.png (source | pose | results) and settings.json into --out.")
+    models = p.add_argument_group("models")
+    models.add_argument("--model", required=True, help="Stable Diffusion folder or cached Hub repo id "
+                                                       "(unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    models.add_argument("--controlnet", required=True, help="OpenPose ControlNet folder or cached repo id")
+    models.add_argument("--reference-unet", help="reference UNet folder (the trained ACM; mode acm)")
+    models.add_argument("--mode", choices=MODES, default="acm",
+                        help="acm: the reference UNet writes the bank; reference_only: the denoising UNet writes "
+                             "it; controlnet_only: no reference (default: %(default)s)")
+    inputs = p.add_argument_group("inputs")
+    inputs.add_argument("--source", required=True, help="source image (the person to redraw)")
+    inputs.add_argument("--pose", required=True,
+                        help="target pose: OpenPose JSON, an OpenPose skeleton image, or a photo / doodle (detected)")
+    inputs.add_argument("--pose-kind", choices=POSE_KINDS, default="auto",
+                        help="auto: a .json file is keypoints, an image that looks like an OpenPose skeleton is used "
+                             "as is and any other image (photo, doodle) goes through the OpenPose detector; image: "
+                             "the same for image files only; skeleton: use the image as is, whatever it looks like; "
+                             "keypoints: OpenPose JSON only")
+    add_pose_input_arguments(inputs)
+    add_fit_argument(inputs)
+    inputs.add_argument("--prompt", default="", help="text prompt (style; default: empty)")
+    sampling = p.add_argument_group("sampling")
+    options.add_sampling_args(sampling)
+    sampling.add_argument("--num-images", type=options.positive_int, default=4, help="(default: %(default)s)")
+    sampling.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance (default: %(default)s)")
+    sampling.add_argument("--appearance-guidance-scale", type=float,
+                          help="separate appearance guidance (3 guidance rows); default: off, the unconditional row "
+                               "reads the reference by --style-fidelity")
+    sampling.add_argument("--controlnet-scale", type=float, default=1.0, help="(default: %(default)s)")
+    ref = p.add_argument_group("reference bank")
+    ref.add_argument("--fusion-blocks", choices=("full", "midup"), default="full")
+    ref.add_argument("--attention-weight", type=float, default=1.0, help="reference-only auto machine weight")
+    ref.add_argument("--style-fidelity", type=float, default=0.0,
+                     help="how much the unconditional row ignores the reference, in [0, 1] (default: 0)")
+    ref.add_argument("--reference-timestep", choices=("same", "zero"), default="same")
+    ref.add_argument("--controlnet-reads-reference", action="store_true")
+    p.add_argument("--out", required=True, help="output folder")
+    options.add_runtime_args(p)
+    return p
+
+
+def _pose_condition(args, source, size):
+    """The target pose on the output canvas (``pmf_jax.pose.inputs.PoseCondition``), honouring --pose-kind."""
+    from pmf_jax.pose.inputs import PoseCondition, fit_transform
+
+    is_json = str(args.pose).lower().endswith(".json")
+    if args.pose_kind == "keypoints" and not is_json:
+        raise PMFInputError(f"--pose-kind keypoints needs an OpenPose .json file, got {args.pose!r}")
+    if args.pose_kind in ("image", "skeleton") and is_json:
+        raise PMFInputError(f"--pose-kind {args.pose_kind} needs an image file, got {args.pose!r}")
+    if args.pose_kind == "skeleton" and not args.align_skeleton:  # as is, even if it does not look like one
+        pose = load_image(args.pose, "--pose")
+        return PoseCondition(fit_transform(pose.shape[:2], size, args.pose_fit).image(pose), None, "skeleton")
+    return pose_condition_from_args(args, source, size)
+
+
+def run(args) -> int:
+    # Check the inputs (and prepare the pose) before loading JAX and the models.
+    check_resolution(args.height, args.width)
+    if args.mode == "acm" and not args.reference_unet:
+        raise PMFInputError("--mode acm needs --reference-unet (or use --mode reference_only)")
+    if args.mode != "acm" and args.reference_unet:
+        raise PMFInputError(f"--reference-unet is only used by --mode acm (got --mode {args.mode})")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise PMFInputError(f"--out {str(out)!r} exists and is not a folder")
+    source = load_image(args.source, "--source")
+    size = resolve_size(source.shape, args.height, args.width)
+    pose = _pose_condition(args, source, size)
+
+    from pmf_jax.pipelines import RetargetPipeline
+    from pmf_jax.reference import ReferenceConfig
+
+    reference = ReferenceConfig(fusion_blocks=args.fusion_blocks, attention_weight=args.attention_weight,
+                                style_fidelity=args.style_fidelity, reference_timestep=args.reference_timestep,
+                                controlnet_reads_reference=args.controlnet_reads_reference)
+    pipe = RetargetPipeline.from_pretrained(args.model, controlnet=args.controlnet, reference_unet=args.reference_unet,
+                                            mode=args.mode, **options.runtime_kwargs(args))
+    fitted, _ = pipe.prepare_inputs(source, pose, *size, fit=args.pose_fit)
+    images = pipe(source, pose, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                  appearance_guidance_scale=args.appearance_guidance_scale,
+                  controlnet_conditioning_scale=args.controlnet_scale, scheduler=args.scheduler, height=size[0],
+                  width=size[1], num_images=args.num_images, seed=args.seed, reference_config=reference,
+                  fit=args.pose_fit, progress=not args.no_progress)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(out / f"result_{i:02d}.png")
+        image.save(paths[-1])
+    image_row([pose.image]).save(out / "pose.png")
+    image_row([fitted, pose.image] + images).save(out / "grid.png")
+    options.write_settings(out / "settings.json", args, resolved_height=size[0], resolved_width=size[1],
+                           pose_input=pose.kind, outputs=[p.name for p in paths])
+    print(f"wrote {len(paths)} images, pose.png, grid.png and settings.json to {out}")
+    return 0

@@ -1,0 +1,140 @@
+"""Text-guided enhancement: InstructPix2Pix (edit an image by an instruction), as diffusers'
+``StableDiffusionInstructPix2PixPipeline`` computes it.
+
+The UNet takes ``concat([noisy latent, image latent], channels)`` (8 channels for SD). The image latent is the VAE
+posterior *mode, unscaled* (diffusers does not apply ``scaling_factor`` to it). Three guidance rows per sample,
+in diffusers' order: ``[text + image, negative + image, negative + zeros]``, combined as
+
+    ε = ε_uncond + guidance_scale · (ε_text − ε_image) + image_guidance_scale · (ε_image − ε_uncond)
+
+(ε_text: row 0, ε_image: row 1, ε_uncond: row 2). Unlike diffusers, guidance is always on (a scale of 1 is
+plain conditioning), so changing a scale never changes the program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from pmf_jax.errors import PMFInputError
+from pmf_jax.pipelines import common
+from pmf_jax.pipelines.base import SamplingPipeline
+from pmf_jax.pipelines.images import content_box, fit_image, load_image, resolve_size, to_float
+from pmf_jax.schedulers import Scheduler
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    scheduler: Scheduler
+    steps: int
+    latent_shape: Tuple[int, int, int]
+    output_type: str
+
+
+class EnhancePipeline(SamplingPipeline):
+    """InstructPix2Pix: ``EnhancePipeline(unet=(unet, p), vae=(vae, p) or None, text_encoder=(clip, p) or None,
+    tokenizer=..., scheduler_config={...})`` or :meth:`from_pretrained` (a diffusers InstructPix2Pix folder)."""
+
+    def __init__(self, unet, vae=None, text_encoder=None, tokenizer=None, scheduler_config=None, context=None,
+                 compilation_cache=None):
+        super().__init__(scheduler_config, compilation_cache)
+        if vae is None:
+            from pmf_jax.models.identity_vae import IdentityAutoencoder
+
+            vae = (IdentityAutoencoder(), {})
+        (self.unet, p_unet), (self.vae, p_vae) = unet, vae
+        channels = self.vae.latent_channels
+        if self.unet.in_channels != 2 * channels:
+            raise PMFInputError(f"an InstructPix2Pix UNet takes noisy latent + image latent: in_channels must be "
+                                f"{2 * channels}, this one has {self.unet.in_channels}")
+        self.params = {"unet": p_unet, "vae": p_vae}
+        dim = self.unet.cross_attention_dim
+        self.prompts = common.PromptEncoder(
+            tokenizer, *(text_encoder or (None, None)), context=context,
+            cross_attention_dim=dim if isinstance(dim, int) else dim[0])
+
+    @classmethod
+    def from_pretrained(cls, path_or_id, dtype=None, *, attention_backend: str = "auto", compilation_cache=None,
+                        revision=None):
+        from pmf_jax.pipelines.loading import load_sd_parts
+
+        parts = load_sd_parts(path_or_id, dtype=common.resolve_dtype(dtype), attention_backend=attention_backend,
+                              revision=revision)
+        return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                   parts["scheduler_config"], compilation_cache=compilation_cache)
+
+    def prepare_image(self, image, height: Optional[int] = None, width: Optional[int] = None, fit: str = "pad"):
+        """``(uint8 [H, W, 3] fitted input, FitTransform)``; (H, W) given or the image's resolution bucket."""
+        image = load_image(image, "image")
+        size = resolve_size(image.shape, height, width)
+        factor = common.vae_factor(self.vae)
+        if size[0] % factor or size[1] % factor:
+            raise PMFInputError(f"height={size[0]} and width={size[1]} must be multiples of {factor}")
+        return fit_image(image, size, fit)
+
+    def __call__(self, image, instruction="", negative_prompt="", num_inference_steps: int = 20,
+                 guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, scheduler: str = "unipc",
+                 height: Optional[int] = None, width: Optional[int] = None, num_images: int = 1, seed=0,
+                 fit: str = "pad", latents=None, output_type: str = "pil", crop: bool = True,
+                 progress: bool = False):
+        """Edits ``image`` following ``instruction``.
+
+        Args:
+          image: path, PIL image or array [H0, W0, 3]; fitted to (height, width) (default: its bucket) by ``fit``
+            ("pad": letterbox with repeated border pixels, "crop": centre crop).
+          guidance_scale, image_guidance_scale: text and image guidance (formula in the module docstring).
+          seed: one int, or one per image (as :class:`~pmf_jax.pipelines.RetargetPipeline`).
+          latents: optional x_T [num_images, H/f, W/f, C].
+          output_type: "pil", "np" (float32 [N, H, W, 3] in [0, 1]) or "latent".
+          crop: cut the letterbox padding off the PIL / np outputs (the content box of the input).
+        """
+        self.check_common(num_inference_steps, num_images, output_type)
+        sched = self.make_scheduler(scheduler)
+        pixels, transform = self.prepare_image(image, height, width, fit)
+        factor = common.vae_factor(self.vae)
+        latent_shape = (pixels.shape[0] // factor, pixels.shape[1] // factor, self.vae.latent_channels)
+        latents = self.check_latents(latents, num_images, latent_shape)
+        prompts = common.as_prompt_list(instruction, num_images, "instruction")
+        negatives = common.as_prompt_list(negative_prompt, num_images, "negative_prompt")
+        embedded = self.prompts(prompts + negatives)
+        pos, neg = embedded[:num_images], embedded[num_images:]
+        seeds, seed_rows = common.as_seed_list(seed, num_images)
+        batch = {"seeds": seeds, "rows": seed_rows, "image": np.repeat(to_float(pixels)[None], num_images, 0),
+                 "context": np.stack([pos, neg, neg], axis=1)}
+        if latents is not None:
+            batch["latents"] = latents
+        scalars = {"guidance": np.float32(guidance_scale), "image_guidance": np.float32(image_guidance_scale)}
+        static = _Static(sched, int(num_inference_steps), latent_shape, output_type)
+        out = self._run(static, batch, scalars, progress=progress, desc="enhance")
+        if crop and output_type != "latent":
+            left, top, right, bottom = content_box(transform)
+            out = out[:, top:bottom, left:right]
+        return self._format(out, output_type)
+
+    # batch: seeds [N], rows [N] (noise keys), image [N, H, W, 3] in [0, 1], context [N, 3, T, D], optional
+    # latents [N, h, w, C].
+
+    def _extras(self, static: _Static, params, batch, scalars):
+        """The image latents of the three rows [N·3, h, w, C]: (mode, mode, zeros) per sample, unscaled."""
+        mode, _ = self.vae.apply({"params": params["vae"]}, (batch["image"] * 2.0 - 1.0).astype(
+            getattr(self.vae, "dtype", jnp.float32)), method=self.vae.encode)
+        mode = mode.astype(jnp.float32)
+        n = mode.shape[0]
+        return {"image_latents": jnp.stack([mode, mode, jnp.zeros_like(mode)], axis=1).reshape(
+            (3 * n,) + mode.shape[1:])}
+
+    def _model_fn(self, static: _Static, params, batch, scalars, extras, x, t):
+        """x: [N, h, w, C] scaled model input, t: [] -> the guided prediction [N, h, w, C]."""
+        n = x.shape[0]
+        context = batch["context"].reshape((3 * n,) + batch["context"].shape[2:])
+        xg = jnp.concatenate([jnp.repeat(x, 3, axis=0), extras["image_latents"].astype(x.dtype)], axis=-1)
+        eps = self.unet.apply({"params": params["unet"]}, xg, t, context).astype(jnp.float32)
+        text, image, uncond = common.split_rows(eps, 3)
+        out = common.nested_guidance(uncond, image, text, scalars["image_guidance"], scalars["guidance"])
+        return out.astype(x.dtype)
+
+
+__all__ = ["EnhancePipeline"]

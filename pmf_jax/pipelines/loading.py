@@ -1,0 +1,83 @@
+"""Loading the parts of a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) and
+single model folders (ControlNet, reference UNet) for the pipelines.
+
+A folder without ``vae/`` is accepted for pixel-space models (a UNet with 3 output channels): it gets the
+parameter-free identity autoencoder. A folder without ``text_encoder/`` gives a prompt-free pipeline (a fixed
+all-zeros context).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from pmf_jax.errors import PMFInputError
+from pmf_jax.io import from_pretrained
+from pmf_jax.io.hub import resolve_folder
+
+# SD1.5's noise schedule, used when a folder has no scheduler/scheduler_config.json.
+SD15_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "steps_offset": 1}
+
+
+def _check_class(module, cls_name: str, where) -> None:
+    if type(module).__name__ != cls_name:
+        raise PMFInputError(f"{where} holds a {type(module).__name__}, expected a {cls_name}")
+
+
+def load_model(path_or_repo_id, kind: str, subfolder: str, *, dtype, attention_backend: str = "auto",
+               revision: Optional[str] = None) -> Tuple[Any, Any]:
+    """``(module, params)`` of a ``kind`` model (e.g. "ControlNetModel") from its own folder or from
+    ``<pipeline folder>/<subfolder>``; a local folder or a Hub repo id in the local cache."""
+    folder = resolve_folder(path_or_repo_id, revision=revision)
+    if not (folder / "config.json").is_file() and (folder / subfolder / "config.json").is_file():
+        folder = folder / subfolder
+    module, params = from_pretrained(folder, dtype=dtype, attention_backend=attention_backend)
+    _check_class(module, kind, folder)
+    return module, params
+
+
+def read_scheduler_config(folder: Path) -> Dict[str, Any]:
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return dict(SD15_SCHEDULE)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise PMFInputError(f"{path} is not valid JSON: {err}") from None
+
+
+def load_sd_parts(path_or_repo_id, *, dtype, attention_backend: str = "auto",
+                  revision: Optional[str] = None) -> Dict[str, Any]:
+    """The parts of an SD pipeline folder.
+
+    Returns:
+      dict with ``unet``, ``vae``, ``text_encoder`` ((module, params) pairs; text_encoder None when absent),
+      ``tokenizer`` (or None) and ``scheduler_config`` (dict).
+    """
+    from pmf_jax.models.clip_text import load_tokenizer
+
+    folder = resolve_folder(path_or_repo_id, revision=revision)
+    if not (folder / "unet").is_dir():
+        raise PMFInputError(f"{path_or_repo_id!r} is not a Stable Diffusion folder: it has no unet/ subfolder")
+    kw = dict(dtype=dtype, attention_backend=attention_backend)
+    unet = from_pretrained(folder, "unet", **kw)
+    _check_class(unet[0], "UNet2DConditionModel", folder / "unet")
+    if (folder / "vae").is_dir():
+        vae = from_pretrained(folder, "vae", **kw)
+        _check_class(vae[0], "AutoencoderKL", folder / "vae")
+    elif unet[0].out_channels == 3:
+        from pmf_jax.models.identity_vae import IdentityAutoencoder
+
+        vae = (IdentityAutoencoder(), {})
+    else:
+        raise PMFInputError(f"{folder} has no vae/ subfolder (only pixel-space models, whose UNet has 3 output "
+                            f"channels, may leave it out)")
+    text_encoder = tokenizer = None
+    if (folder / "text_encoder").is_dir():
+        text_encoder = from_pretrained(folder, "text_encoder", **kw)
+        _check_class(text_encoder[0], "CLIPTextModel", folder / "text_encoder")
+        tokenizer = load_tokenizer(folder, "tokenizer")
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                scheduler_config=read_scheduler_config(folder))

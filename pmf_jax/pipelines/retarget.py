@@ -1,0 +1,276 @@
+"""Pose retargeting: the person of a source image, redrawn in a target pose (PoseMaster Fusion inference).
+
+Modes:
+  * ``"acm"``: a separate reference UNet (the trained Appearance Control Module) writes the reference bank from the
+    source image's latent; the denoising UNet and (optionally) the ControlNet read it.
+  * ``"reference_only"``: the denoising UNet's own weights write the bank (training-free, stock SD1.5).
+  * ``"controlnet_only"``: no reference: a plain OpenPose ControlNet pipeline (the source image is unused).
+
+Guidance (one batched UNet call per step; rows of sample n at n·G + g):
+  * ``appearance_guidance_scale=None`` — G = 2 rows ``[u, c]``: u = negative prompt, c = prompt + reference;
+    ``ε = u + g·(c − u)`` with g = ``guidance_scale``. Row u is flagged unconditional for the reference bank, so it
+    reads the reference blended by ``reference_config.style_fidelity`` (diffusers reference-only: 0 = u reads the
+    reference like c, so only the text is guided; 1 = u has no reference, so text and appearance are guided together).
+  * ``appearance_guidance_scale=g_a`` — G = 3 rows ``[u, c, a]``: u = negative prompt without reference
+    (``ref_mix = 1``), c = prompt + reference, a = prompt without reference;
+    ``ε = u + g_t·(a − u) + g_a·(c − a)`` (:func:`~pmf_jax.pipelines.common.nested_guidance`): g_t weighs the
+    text, g_a the appearance (MagicPose-style appearance CFG).
+The reference UNet runs on the N samples only (prompt embedding as its context) once per step — once in total with
+``reference_timestep="zero"`` — and its bank is repeated to the G rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from pmf_jax.errors import PMFInputError
+from pmf_jax.pipelines import common
+from pmf_jax.pipelines.base import SamplingPipeline
+from pmf_jax.pipelines.images import fit_image, load_image, resolve_size, to_float
+from pmf_jax.reference import ReferenceConfig, write_inputs
+from pmf_jax.schedulers import Scheduler
+
+MODES = ("acm", "reference_only", "controlnet_only")
+POSE_KINDS = ("auto", "skeleton")
+
+
+def _pairs(source_image, pose):
+    """Lists of P sources and P poses (a single one is shared by all pairs)."""
+    sources = list(source_image) if isinstance(source_image, (list, tuple)) else [source_image]
+    poses = list(pose) if isinstance(pose, (list, tuple)) else [pose]
+    count = max(len(sources), len(poses))
+    if not sources or not poses or {len(sources), len(poses)} - {1, count}:
+        raise PMFInputError(f"got {len(sources)} source images and {len(poses)} poses: give one of each, or lists "
+                            f"of equal length (one pair each), or one of either with a list of the other")
+    return sources * (count // len(sources)), poses * (count // len(poses))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """What one compiled program is specialised on (hashable)."""
+
+    scheduler: Scheduler
+    steps: int
+    rows: int                                   # G guidance rows per sample (2 or 3)
+    reference: Optional[ReferenceConfig]        # None: no reference bank
+    latent_shape: Tuple[int, int, int]          # (h, w, C)
+    output_type: str
+
+
+class RetargetPipeline(SamplingPipeline):
+    """Pose retargeting with a pose ControlNet and a reference bank (ACM / reference-only).
+
+    Build it from loaded parts (each a ``(module, params)`` pair, as :func:`pmf_jax.io.from_pretrained` returns):
+
+      RetargetPipeline(unet=(unet, p), controlnet=(cn, p), vae=(vae, p) or None (identity autoencoder,
+                       pixel space), text_encoder=(clip, p) or None (a fixed context, default all zeros
+                       [1, 1, cross_attention_dim]), tokenizer=..., reference_unet=(ref, p) (mode "acm"),
+                       mode="acm", scheduler_config={...} (diffusers scheduler_config.json dict))
+
+    or from folders with :meth:`from_pretrained`. Call it with a source image and a pose (see :meth:`__call__`).
+    """
+
+    def __init__(self, unet, controlnet, vae=None, text_encoder=None, tokenizer=None, reference_unet=None,
+                 mode: str = "acm", scheduler_config=None, context=None, compilation_cache=None):
+        super().__init__(scheduler_config, compilation_cache)
+        if mode not in MODES:
+            raise PMFInputError(f"mode={mode!r} must be one of {', '.join(MODES)}")
+        if mode == "acm" and reference_unet is None:
+            raise PMFInputError("mode 'acm' needs a reference UNet (the trained ACM); use mode 'reference_only' to "
+                                "let the denoising UNet write the reference itself")
+        if mode != "acm" and reference_unet is not None:
+            raise PMFInputError(f"mode {mode!r} takes no reference UNet (only mode 'acm' uses one)")
+        if controlnet is None:
+            raise PMFInputError("a pose ControlNet is required")
+        if vae is None:
+            from pmf_jax.models.identity_vae import IdentityAutoencoder
+
+            vae = (IdentityAutoencoder(), {})
+        self.mode = mode
+        (self.unet, p_unet), (self.controlnet, p_cn), (self.vae, p_vae) = unet, controlnet, vae
+        self.reference_unet = reference_unet[0] if reference_unet is not None else None
+        self.params = {"unet": p_unet, "controlnet": p_cn, "vae": p_vae}
+        if reference_unet is not None:
+            self.params["reference"] = reference_unet[1]
+        dim = self.unet.cross_attention_dim
+        self.prompts = common.PromptEncoder(
+            tokenizer, *(text_encoder or (None, None)), context=context,
+            cross_attention_dim=dim if isinstance(dim, int) else dim[0])
+
+    @classmethod
+    def from_pretrained(cls, sd_path_or_id, controlnet, reference_unet=None, mode: str = "acm", dtype=None, *,
+                        attention_backend: str = "auto", compilation_cache=None, revision=None):
+        """Loads an SD pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), a ControlNet folder
+        (or repo id) and, for mode "acm", a reference UNet folder. ``dtype`` None: bfloat16 on GPU/TPU, float32 on
+        CPU (parameters and compute)."""
+        from pmf_jax.pipelines.loading import load_model, load_sd_parts
+
+        if mode not in MODES:
+            raise PMFInputError(f"mode={mode!r} must be one of {', '.join(MODES)}")
+        if mode == "acm" and reference_unet is None:
+            raise PMFInputError("mode 'acm' needs reference_unet (a UNet folder: the trained ACM)")
+        kw = dict(dtype=common.resolve_dtype(dtype), attention_backend=attention_backend)
+        parts = load_sd_parts(sd_path_or_id, revision=revision, **kw)
+        cn = load_model(controlnet, "ControlNetModel", "controlnet", **kw)
+        ref = load_model(reference_unet, "UNet2DConditionModel", "unet", **kw) if mode == "acm" else None
+        return cls(parts["unet"], cn, parts["vae"], parts["text_encoder"], parts["tokenizer"], ref, mode,
+                   parts["scheduler_config"], compilation_cache=compilation_cache)
+
+    # ------------------------------------------------------------------------------------------------ inputs
+    def prepare_inputs(self, source_image, pose, height: Optional[int] = None, width: Optional[int] = None,
+                       fit: str = "pad", pose_kind: str = "auto", **pose_options):
+        """The model-resolution inputs of one pair: ``(source uint8 [H, W, 3], pose skeleton uint8 [H, W, 3])``.
+
+        (H, W) is ``height``/``width`` or the bucket of the source image. The source is fitted with ``fit``
+        ("pad": letterbox, border pixels repeated; "crop": centre crop). The pose, with the same fit: a
+        ``PoseCondition`` of that size is used as is; ``pose_kind="skeleton"`` takes an image as the skeleton
+        whatever it looks like; ``"auto"`` goes through :func:`pmf_jax.pose.inputs.prepare_pose` (JSON, keypoints,
+        skeleton images, photos through the detector; ``pose_options``: ``pose_size``, ``source_keypoints``,
+        ``detector``, ``detector_weights``, ``hands``, ``face``).
+        """
+        from pmf_jax.pose.inputs import PoseCondition, fit_transform, prepare_pose
+
+        if pose_kind not in POSE_KINDS:
+            raise PMFInputError(f"pose_kind={pose_kind!r} must be one of {', '.join(POSE_KINDS)}")
+        source = load_image(source_image, "source image")
+        size = resolve_size(source.shape, height, width)
+        factor = common.vae_factor(self.vae)
+        if size[0] % factor or size[1] % factor:
+            raise PMFInputError(f"height={size[0]} and width={size[1]} must be multiples of the autoencoder's "
+                                f"downscale factor {factor}")
+        if isinstance(pose, PoseCondition):
+            if pose.image.shape[:2] != size:
+                raise PMFInputError(f"pose condition is {pose.image.shape[:2]}, the output size is {size}")
+            pose_image = pose.image
+        elif pose_kind == "skeleton":
+            pose_image = load_image(pose, "pose")
+            pose_image = fit_transform(pose_image.shape[:2], size, fit).image(pose_image)
+        else:
+            if isinstance(pose, Image.Image):
+                pose = np.asarray(pose.convert("RGB"))
+            pose_image = prepare_pose(pose, size, fit, **pose_options).image
+        return fit_image(source, size, fit)[0], pose_image
+
+    def __call__(self, source_image, pose, prompt="", negative_prompt="", num_inference_steps: int = 20,
+                 guidance_scale: float = 7.5, appearance_guidance_scale: Optional[float] = None,
+                 controlnet_conditioning_scale: float = 1.0, scheduler: str = "unipc", height: Optional[int] = None,
+                 width: Optional[int] = None, num_images: int = 1, seed=0,
+                 reference_config: Optional[ReferenceConfig] = None, fit: str = "pad", pose_kind: str = "auto",
+                 pose_options=None, latents=None, output_type: str = "pil", progress: bool = False):
+        """Generates ``num_images`` images of the source person in the target pose (per pair).
+
+        Args:
+          source_image: path, PIL image or uint8/float array [H0, W0, 3] — or a list of P of them (P pairs).
+          pose: an OpenPose JSON path, keypoints float [18, 3] / [P', 18, 3], a skeleton image (path, PIL, uint8
+            array; a photo or doodle goes through the OpenPose detector), a ``pmf_jax.pose.inputs.PoseCondition``
+            — or a list of P of them. A single source or pose is shared by all pairs.
+          fit, pose_kind, pose_options: how inputs are brought to (height, width): see :meth:`prepare_inputs`.
+          prompt, negative_prompt: a string, or one per image (N = P · num_images, pair-major).
+          guidance_scale, appearance_guidance_scale: see the module docstring (exact formulas).
+          scheduler: one of ``pmf_jax.schedulers.SCHEDULERS`` (built from ``self.scheduler_config``).
+          height, width: multiples of 8; default: the first source image's resolution bucket.
+          seed: one int (image n starts from noise of ``fold_in(key(seed), n)``), or one per image (image n from
+            ``fold_in(key(seed[n]), 0)``, the same image as a single call with that seed).
+          reference_config: how the bank is read (default ``ReferenceConfig()``); ignored in controlnet_only.
+          latents: optional x_T [N, H/f, W/f, C] instead of the seeded noise.
+          output_type: "pil" (list of N PIL images), "np" (float32 [N, H, W, 3] in [0, 1]) or "latent" (the final
+            latents [N, H/f, W/f, C]).
+          progress: a tqdm bar over the steps (the same compiled loop, run one step per call).
+        """
+        self.check_common(num_inference_steps, num_images, output_type)
+        if appearance_guidance_scale is not None and self.mode == "controlnet_only":
+            raise PMFInputError("appearance guidance needs a reference (mode 'acm' or 'reference_only')")
+        sched = self.make_scheduler(scheduler)
+        sources, poses = _pairs(source_image, pose)
+        first = load_image(sources[0], "source image")
+        size = resolve_size(first.shape, height, width)
+        prepared = [self.prepare_inputs(first if i == 0 else s, p, *size, fit=fit, pose_kind=pose_kind,
+                                        **(pose_options or {})) for i, (s, p) in enumerate(zip(sources, poses))]
+        n = len(prepared) * num_images
+        factor = common.vae_factor(self.vae)
+        latent_shape = (size[0] // factor, size[1] // factor, self.unet.in_channels)
+        latents = self.check_latents(latents, n, latent_shape)
+        rows = 2 if appearance_guidance_scale is None else 3
+        prompts = common.as_prompt_list(prompt, n, "prompt")
+        negatives = common.as_prompt_list(negative_prompt, n, "negative_prompt")
+        embedded = self.prompts(negatives + prompts)                  # [2N, T, D]
+        neg, pos = embedded[:n], embedded[n:]
+        seeds, seed_rows = common.as_seed_list(seed, n)
+        batch = {"seeds": seeds, "rows": seed_rows,
+                 "source": np.repeat(np.stack([to_float(s) for s, _ in prepared]), num_images, 0),
+                 "pose": np.repeat(np.stack([to_float(p) for _, p in prepared]), num_images, 0),
+                 "context": np.stack([neg, pos] + ([pos] if rows == 3 else []), axis=1),   # [N, G, T, D]
+                 "ref_context": pos}
+        if latents is not None:
+            batch["latents"] = latents
+        scalars = {"guidance": np.float32(guidance_scale),
+                   "appearance": np.float32(appearance_guidance_scale or 0.0),
+                   "control": np.float32(controlnet_conditioning_scale)}
+        reference = None if self.mode == "controlnet_only" else (reference_config or ReferenceConfig())
+        static = _Static(sched, int(num_inference_steps), rows, reference, latent_shape, output_type)
+        out = self._run(static, batch, scalars, progress=progress, desc=f"retarget ({self.mode})")
+        return self._format(out, output_type)
+
+    # ------------------------------------------------------------------------------------------ the program
+    # batch: seeds [N] uint32 and rows [N] int32 (noise keys), source [N, H, W, 3] and pose [N, H, W, 3] in
+    # [0, 1], context [N, G, T, D], ref_context [N, T, D], optional latents [N, h, w, C].
+
+    def _extras(self, static: _Static, params, batch, scalars):
+        """What every step reuses: the reference latents [N, h, w, C] and, for reference_timestep "zero", the bank
+        (written once, repeated to the G rows)."""
+        if static.reference is None:
+            return {}
+        extras = {"ref_latents": common.vae_encode(self.vae, params["vae"], batch["source"] * 2.0 - 1.0)}
+        if static.reference.reference_timestep == "zero":
+            extras["bank"] = self._write_bank(static, params, batch, scalars, extras["ref_latents"],
+                                              jnp.zeros((), jnp.int32))
+        return extras
+
+    def _write_bank(self, static: _Static, params, batch, scalars, ref_latents, t):
+        """The reference bank for timestep t, every entry repeated to the G guidance rows: [N·G, L, C]."""
+        cfg_ref, sched, rows = static.reference, static.scheduler, batch["rows"]
+        writer, p_writer = ((self.reference_unet, params["reference"]) if self.mode == "acm"
+                            else (self.unet, params["unet"]))
+        noise = None
+        if cfg_ref.noise_reference:  # stream 2**20 + t of each image's key (streams 0.. are x_T and DDPM steps)
+            keys = common.row_keys(batch["seeds"], rows)
+            noise = common.row_normal(keys, 2 ** 20 + jnp.round(t).astype(jnp.int32), ref_latents.shape[1:])
+
+        def add_noise(x0, eps, tt):  # Euler's timesteps are floats; the training tables take integers
+            return sched.add_noise(x0, eps, jnp.round(tt).astype(jnp.int32))
+
+        latents, t_write = write_inputs(cfg_ref, ref_latents, jnp.full((rows.shape[0],), t), noise, add_noise)
+        bank = writer.apply({"params": p_writer}, latents, t_write, batch["ref_context"],
+                            method=writer.write_reference)
+        return jax.tree_util.tree_map(lambda b: jnp.repeat(b, static.rows, axis=0), bank)
+
+    def _model_fn(self, static: _Static, params, batch, scalars, extras, x, t):
+        """x: [N, h, w, C] scaled model input, t: [] -> the guided prediction [N, h, w, C] (module docstring)."""
+        g, n, cfg_ref = static.rows, x.shape[0], static.reference
+        context = batch["context"].reshape((n * g,) + batch["context"].shape[2:])      # [N·G, T, D]
+        xg, pose = jnp.repeat(x, g, axis=0), jnp.repeat(batch["pose"], g, axis=0)
+        read = {}
+        if cfg_ref is not None:
+            bank = extras["bank"] if "bank" in extras else self._write_bank(static, params, batch, scalars,
+                                                                            extras["ref_latents"], t)
+            rows = (dict(uncond_mask=jnp.tile(jnp.array([1.0, 0.0]), n)) if g == 2   # u blended by style_fidelity
+                    else dict(ref_mix=jnp.tile(jnp.array([1.0, 0.0, 1.0]), n)))     # u and a without reference
+            read = dict(reference=bank, reference_config=cfg_ref, **rows)
+        cn_read = read if cfg_ref is not None and cfg_ref.controlnet_reads_reference else {}
+        down, mid = self.controlnet.apply({"params": params["controlnet"]}, xg, t, context, pose,
+                                          conditioning_scale=scalars["control"], **cn_read)
+        eps = self.unet.apply({"params": params["unet"]}, xg, t, context, down_block_additional_residuals=down,
+                              mid_block_additional_residual=mid, **read).astype(jnp.float32)
+        if g == 2:
+            u, c = common.split_rows(eps, 2)
+            out = common.cfg(u, c, scalars["guidance"])
+        else:
+            u, c, a = common.split_rows(eps, 3)
+            out = common.nested_guidance(u, a, c, scalars["guidance"], scalars["appearance"])
+        return out.astype(x.dtype)
