@@ -20,9 +20,10 @@ from pmf_jax.config import Config, save_config
 from pmf_jax.errors import PMFInputError
 from pmf_jax.parallel import (batch_sharding, jit_sharded, make_global_batch, make_mesh, num_batch_shards,
                               opt_state_shardings, param_shardings, replicated, rules_from_config)
-from train import checkpointing, components as components_lib
+from pmf_jax.training import components as components_lib
+from train import checkpointing
 from train.logs import MetricWriter, Throughput, log
-from train.state import TrainState, bind_step, init_state, make_optimizer
+from pmf_jax.training.state import TrainState, bind_step, init_state, make_optimizer
 
 
 class TrainingDiverged(RuntimeError):

@@ -8,8 +8,8 @@ import numpy as np
 
 from pmf_jax import input_pipeline
 from pmf_jax.io.checkpoints import restore_trained_params
-from train import components as components_lib
-from train.preview import sample
+from pmf_jax.training import components as components_lib
+from pmf_jax.training.sampling import sample
 
 
 def load_trained(cfg, step=None, ema: bool = True):

@@ -1,4 +1,4 @@
-"""Sampling from a training run's parameters: preview grids during training and the demo's evaluation.
+"""Sampling from a training run's parameters straight from its components (previews during training, quick checks).
 
 The whole denoising loop is one jit (``scheduler.sample``); the reference UNet writes the bank once per step (at the
 step's timestep, or once for ``reference_timestep="zero"`` since the bank then does not depend on t).

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from train.objective import pmf_loss
+from pmf_jax.training.objective import pmf_loss
 
 
 @flax.struct.dataclass
