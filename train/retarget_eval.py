@@ -1,6 +1,9 @@
-"""Retargeting a run's test pairs with its trained weights (the demo's evaluation; eval generate builds on it)."""
+"""Retargeting a run's held-out test pairs with its trained weights through the RetargetPipeline (the demo's
+evaluation): mode "acm" (the PMF model) and mode "controlnet_only" (the same weights, reference bank disabled)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +11,8 @@ import numpy as np
 
 from pmf_jax import input_pipeline
 from pmf_jax.io.checkpoints import restore_trained_params
+from pmf_jax.pipelines import RetargetPipeline
 from pmf_jax.training import components as components_lib
-from pmf_jax.training.sampling import sample
 
 
 def load_trained(cfg, step=None, ema: bool = True):
@@ -19,11 +22,28 @@ def load_trained(cfg, step=None, ema: bool = True):
     for part, tree in trained.items():
         params[part] = jax.tree_util.tree_map(jnp.asarray, tree)
     if cfg.reference.mode == "reference_only":
-        import dataclasses
-
         comps = dataclasses.replace(comps, reference_unet=comps.unet)
         params["reference_unet"] = params["unet"]
     return comps, params, frozen, step
+
+
+def pipelines_for_run(cfg, step=None):
+    """{"acm": pipeline, "controlnet_only": pipeline} over the run's trained weights, and the step."""
+    comps, params, frozen, step = load_trained(cfg, step)
+    scheduler_config = components_lib.sampling_scheduler_config(comps, cfg.train.prediction_type)
+    common = dict(unet=(comps.unet, params["unet"]), controlnet=(comps.controlnet, params["controlnet"]),
+                  vae=(comps.autoencoder, frozen["autoencoder"]), scheduler_config=scheduler_config,
+                  context=frozen["context"][0] if not cfg.model.text_encoder or not cfg.model.base else None)
+    if cfg.model.base and cfg.model.text_encoder:
+        raise NotImplementedError("the demo evaluation covers prompt-free runs; use `pmf eval generate`")
+    pipes = {"acm": RetargetPipeline(**common, reference_unet=(comps.reference_unet, params["reference_unet"]),
+                                     mode="acm"),
+             "controlnet_only": RetargetPipeline(**common, mode="controlnet_only")}
+    return pipes, step
+
+
+def _uint8(images, low):
+    return np.round((np.clip(images, low, 1.0) - low) / (1.0 - low) * 255).astype(np.uint8)
 
 
 def generate_test_pairs(cfg, num_pairs: int = 64, batch_size: int = 16, step=None) -> dict:
@@ -31,26 +51,27 @@ def generate_test_pairs(cfg, num_pairs: int = 64, batch_size: int = 16, step=Non
 
     Returns numpy arrays [N, H, W, 3]: source, pose ([0, 1]), target, generated, generated_no_reference ([-1, 1]).
     """
-    comps, params, frozen, step = load_trained(cfg, step)
+    pipes, step = pipelines_for_run(cfg, step)
     loader = input_pipeline.make_loader(cfg.data.name, cfg.data.eval_split, cfg.data.data_dir, batch_size,
                                         cfg.data.height_width, config=cfg.data.builder_config, shuffle=False,
                                         augment=False, num_epochs=1, shard_index=0, shard_count=1)
     out = {k: [] for k in ("source", "pose", "target", "generated", "generated_no_reference")}
-    reference_cfg = cfg.reference.to_reference_config()
-    kwargs = dict(components=comps, reference_cfg=reference_cfg, scheduler_name=cfg.sampling.scheduler,
-                  steps=cfg.sampling.steps, prediction_type=cfg.train.prediction_type)
-    key = jax.random.key(cfg.sampling.seed)
+    height, width = cfg.data.height_width
     seen = 0
-    for i, batch in enumerate(loader):
+    for batch in loader:
         if seen >= num_pairs:
             break
-        k = jax.random.fold_in(key, i)  # the same noise for both variants
-        for name, use_ref in (("generated", True), ("generated_no_reference", False)):
-            images = sample(params, frozen, batch["source"], batch["pose"], k, use_reference=use_ref, **kwargs)
-            out[name].append(np.asarray(images))
+        sources, poses = list(_uint8(batch["source"], -1.0)), list(_uint8(batch["pose"], 0.0))
+        seeds = [cfg.sampling.seed + seen + i for i in range(len(sources))]  # the same noise for both variants
+        for name, mode in (("generated", "acm"), ("generated_no_reference", "controlnet_only")):
+            images = pipes[mode](sources, poses, num_inference_steps=cfg.sampling.steps,
+                                 guidance_scale=cfg.sampling.text_guidance_scale, scheduler=cfg.sampling.scheduler,
+                                 height=height, width=width, seed=seeds, reference_config=cfg.reference
+                                 .to_reference_config(), pose_kind="skeleton", output_type="np")
+            out[name].append(np.asarray(images) * 2.0 - 1.0)
         for name in ("source", "pose", "target"):
             out[name].append(batch[name])
-        seen += batch["source"].shape[0]
+        seen += len(sources)
     result = {k: np.concatenate(v)[:num_pairs] for k, v in out.items()}
     result["step"] = step
     return result

@@ -84,7 +84,7 @@ def load_state_dict(folder: Path, stem: str, *, variant: Optional[str] = None,
 
 def from_pretrained(path_or_repo_id, subfolder: Optional[str] = None, dtype=jnp.float32, *,
                     param_dtype=None, attention_backend: str = "auto", variant: Optional[str] = None,
-                    allow_pickle: bool = False, revision: Optional[str] = None):
+                    allow_pickle: bool = False, revision: Optional[str] = None, **module_kwargs):
     """Loads a diffusers (UNet2DConditionModel, ControlNetModel, AutoencoderKL) or transformers (CLIPTextModel) folder.
 
     Args:
@@ -93,13 +93,14 @@ def from_pretrained(path_or_repo_id, subfolder: Optional[str] = None, dtype=jnp.
       dtype: the compute dtype of the returned module; ``param_dtype`` (default: ``dtype``) is the params' dtype.
       attention_backend: see :mod:`pmf_jax.models.attention`.
       variant: e.g. ``"fp16"`` for ``diffusion_pytorch_model.fp16.safetensors``.
+      module_kwargs: other module settings, e.g. ``gradient_checkpointing=True`` for the UNet and ControlNet.
     Returns:
       ``(module, params)``: a Flax module and its parameter tree (``{"params": ...}`` is *not* wrapped).
     """
     folder = resolve_folder(path_or_repo_id, subfolder, revision)
     config = read_config(folder)
     cls = model_class_for_config(config, folder)
-    module = cls.from_config(config, dtype=dtype, attention_backend=attention_backend)
+    module = cls.from_config(config, dtype=dtype, attention_backend=attention_backend, **module_kwargs)
     state = load_state_dict(folder, cls.WEIGHTS_STEM, variant=variant, allow_pickle=allow_pickle)
     state = cls.normalize_state_dict(state)
     abstract = module.abstract_params()

@@ -85,6 +85,7 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin):
     upcast_attention: bool = False
     dtype: jnp.dtype = jnp.float32
     attention_backend: str = "auto"
+    gradient_checkpointing: bool = False  # rematerialise resnets and transformers in the backward pass
 
     # ---- configuration helpers (static, no params) ----
     def _check(self):
@@ -157,7 +158,7 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin):
             name = f"down_blocks_{i}"
             h, res, w = DownBlock(self.block_out_channels[i], layers[i], down_attn[i], add_downsample=i < n - 1,
                                   downsample_padding=self.downsample_padding, groups=self.norm_num_groups,
-                                  eps=self.norm_eps, dtype=self.dtype, name=name)(
+                                  eps=self.norm_eps, dtype=self.dtype, remat=self.gradient_checkpointing, name=name)(
                 h, temb, context, _child(reference, name), ref_mix, write)
             skips += res
             if write:
@@ -167,7 +168,8 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin):
     def middle(self, h, temb, context, reference, ref_mix, write):
         _, mid_attn = self.attention_settings()
         h, w = MidBlock(mid_attn, groups=self.norm_num_groups, eps=self.norm_eps,
-                        output_scale_factor=self.mid_block_scale_factor, dtype=self.dtype, name="mid_block")(
+                        output_scale_factor=self.mid_block_scale_factor, dtype=self.dtype,
+                        remat=self.gradient_checkpointing, name="mid_block")(
             h, temb, context, _child(reference, "mid_block"), ref_mix, write)
         return h, w
 
@@ -211,7 +213,7 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin):
             block_skips, skips = skips[-count:], skips[:-count]
             size = skips[-1].shape[1:3] if (odd_size and i < n - 1) else None
             h, w = UpBlock(channels[i], count, up_attn[i], add_upsample=i < n - 1, groups=self.norm_num_groups,
-                           eps=self.norm_eps, dtype=self.dtype, name=name)(
+                           eps=self.norm_eps, dtype=self.dtype, remat=self.gradient_checkpointing, name=name)(
                 h, block_skips, temb, context, _child(reference, name), ref_mix, write_reference, size,
                 stop_after_attention=write_reference and i == last_attn_block)
             if write_reference:

@@ -33,8 +33,15 @@ def _child(reference, name):
     return None if reference is None else reference.get(name)
 
 
-def _transformer(attn: AttentionSettings, channels: int, groups: int, dtype, name: str) -> Transformer2DModel:
-    return Transformer2DModel(heads=attn.heads, dim_head=channels // attn.heads, num_layers=attn.num_layers,
+def _resnet(remat: bool):
+    # Rematerialised in the backward pass when training with gradient checkpointing (memory for compute).
+    return nn.remat(ResnetBlock2D) if remat else ResnetBlock2D
+
+
+def _transformer(attn: AttentionSettings, channels: int, groups: int, dtype, name: str,
+                 remat: bool = False) -> Transformer2DModel:
+    cls = nn.remat(Transformer2DModel, static_argnums=(5,)) if remat else Transformer2DModel  # write is static
+    return cls(heads=attn.heads, dim_head=channels // attn.heads, num_layers=attn.num_layers,
                               groups=groups, use_linear_projection=attn.use_linear_projection,
                               only_cross_attention=attn.only_cross_attention, upcast_attention=attn.upcast_attention,
                               attention_backend=attn.backend, dtype=dtype, name=name)
@@ -55,15 +62,17 @@ class DownBlock(nn.Module):
     groups: int = 32
     eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, h, temb, context, reference=None, ref_mix=None, write: bool = False):
         skips, written = (), {}
         for i in range(self.num_layers):
-            h = ResnetBlock2D(self.out_channels, self.groups, eps=self.eps, dtype=self.dtype, name=f"resnets_{i}")(h, temb)
+            h = _resnet(self.remat)(self.out_channels, self.groups, eps=self.eps, dtype=self.dtype,
+                                    name=f"resnets_{i}")(h, temb)
             if self.attn is not None:
                 name = f"attentions_{i}"
-                h, w = _transformer(self.attn, self.out_channels, self.groups, self.dtype, name)(
+                h, w = _transformer(self.attn, self.out_channels, self.groups, self.dtype, name, self.remat)(
                     h, context, _child(reference, name), ref_mix, write)
                 if write:
                     written[name] = w
@@ -84,18 +93,19 @@ class MidBlock(nn.Module):
     eps: float = 1e-5
     output_scale_factor: float = 1.0
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, h, temb, context, reference=None, ref_mix=None, write: bool = False):
         channels = h.shape[-1]
-        resnet = lambda i: ResnetBlock2D(channels, self.groups, eps=self.eps,  # noqa: E731
+        resnet = lambda i: _resnet(self.remat)(channels, self.groups, eps=self.eps,  # noqa: E731
                                          output_scale_factor=self.output_scale_factor, dtype=self.dtype,
                                          name=f"resnets_{i}")
         h = resnet(0)(h, temb)
         written = {}
         for i in range(self.num_layers):
             name = f"attentions_{i}"
-            h, w = _transformer(self.attn, channels, self.groups, self.dtype, name)(
+            h, w = _transformer(self.attn, channels, self.groups, self.dtype, name, self.remat)(
                 h, context, _child(reference, name), ref_mix, write)
             if write:
                 written[name] = w
@@ -117,6 +127,7 @@ class UpBlock(nn.Module):
     groups: int = 32
     eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, h, skips: Sequence, temb, context, reference=None, ref_mix=None, write: bool = False,
@@ -125,10 +136,11 @@ class UpBlock(nn.Module):
         written = {}
         for i in range(self.num_layers):
             h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = ResnetBlock2D(self.out_channels, self.groups, eps=self.eps, dtype=self.dtype, name=f"resnets_{i}")(h, temb)
+            h = _resnet(self.remat)(self.out_channels, self.groups, eps=self.eps, dtype=self.dtype,
+                                    name=f"resnets_{i}")(h, temb)
             if self.attn is not None:
                 name = f"attentions_{i}"
-                h, w = _transformer(self.attn, self.out_channels, self.groups, self.dtype, name)(
+                h, w = _transformer(self.attn, self.out_channels, self.groups, self.dtype, name, self.remat)(
                     h, context, _child(reference, name), ref_mix, write)
                 if write:
                     written[name] = w

@@ -67,20 +67,40 @@ def _read_json(path: str) -> dict:
     return json.loads(file.read_text())
 
 
-def build(cfg, rng) -> Tuple[Components, Dict[str, Any], Dict[str, Any]]:
-    """Loads or creates every part.
+class PretrainedSource:
+    """Where :func:`build` gets what a model folder holds. This default reads the folders (:mod:`pmf_jax.io`);
+    ``pmf scaling`` passes one that builds the modules from their configs and reads no weights
+    (:class:`pmf_jax.scaling.abstract.ConfigOnlySource`, used under ``jax.eval_shape``)."""
+
+    def model(self, path, subfolder=None, **kwargs):
+        """``(module, params)`` of a diffusers/transformers folder; kwargs as :func:`pmf_jax.io.from_pretrained`."""
+        return from_pretrained(path, subfolder, **kwargs)
+
+    def empty_prompt_context(self, m, dtype):
+        """[1, T, D] text context of the empty prompt (``m``: the config's model section)."""
+        return _empty_prompt_context(m, dtype)
+
+    def scheduler_config(self, m) -> Optional[dict]:
+        """The base's ``scheduler/scheduler_config.json`` as a dict, or None when it has none."""
+        path = resolve_folder(m.base, revision=m.revision) / "scheduler" / "scheduler_config.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+
+def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Components, Dict[str, Any], Dict[str, Any]]:
+    """Loads or creates every part (pretrained parts through ``source``, default :class:`PretrainedSource`).
 
     Returns ``(components, params, frozen)``: ``params`` {part: tree} of every UNet-like part (trainable or not),
     ``frozen`` {"autoencoder": tree, "context": [1, T, D] array} of what never trains.
     """
+    source = source or PretrainedSource()
     m = cfg.model
     dtype = jnp.dtype(m.dtype)
     trainable = trainable_parts(cfg.train)
     params: Dict[str, Any] = {}
     rng_unet, rng_cn = jax.random.split(rng)
-    kw = dict(dtype=dtype, attention_backend=m.attention_backend)
+    kw = dict(dtype=dtype, attention_backend=m.attention_backend, gradient_checkpointing=cfg.train.remat)
     if m.base:
-        unet, params["unet"] = from_pretrained(m.base, "unet", revision=m.revision, param_dtype=jnp.float32, **kw)
+        unet, params["unet"] = source.model(m.base, "unet", revision=m.revision, param_dtype=jnp.float32, **kw)
     elif m.unet_config:
         unet = UNet2DConditionModel.from_config(_read_json(m.unet_config), **kw)
         params["unet"] = jax.jit(unet.init_params)(rng_unet)
@@ -88,19 +108,19 @@ def build(cfg, rng) -> Tuple[Components, Dict[str, Any], Dict[str, Any]]:
         raise PMFInputError("config model.base (an SD folder/repo) or model.unet_config (a UNet config.json for a "
                             "randomly initialised model) must be set")
     if m.reference_unet:
-        ref_unet, params["reference_unet"] = from_pretrained(m.reference_unet, param_dtype=jnp.float32, **kw)
+        ref_unet, params["reference_unet"] = source.model(m.reference_unet, param_dtype=jnp.float32, **kw)
     else:  # the ACM starts as a copy of the base UNet (MagicPose)
         ref_unet, params["reference_unet"] = unet, jax.tree_util.tree_map(jnp.array, params["unet"])
-    autoencoder, ae_params, context = _autoencoder_and_context(cfg, unet, dtype)
+    autoencoder, ae_params, context = _autoencoder_and_context(cfg, unet, dtype, source)
     controlnet = None
     if cfg.train.stage == 2 or "controlnet" in trainable:
         if m.controlnet:
-            controlnet, params["controlnet"] = from_pretrained(m.controlnet, param_dtype=jnp.float32, **kw)
+            controlnet, params["controlnet"] = source.model(m.controlnet, param_dtype=jnp.float32, **kw)
         else:  # the pose image enters at pixel resolution: one stride-2 stage per factor 2 of the autoencoder
             stages = int(np.log2(autoencoder.downscale_factor)) + 1
             controlnet, params["controlnet"] = controlnet_from_unet(
                 unet, params["unet"], rng_cn, conditioning_embedding_out_channels=(16, 32, 96, 256)[:stages])
-    noise_scheduler = _noise_scheduler(m)
+    noise_scheduler = _noise_scheduler(m, source)
     components = Components(unet, ref_unet, controlnet, autoencoder, noise_scheduler, trainable,
                             tuple(context.shape[1:]))
     frozen_dtype = jnp.dtype(m.frozen_param_dtype)
@@ -111,7 +131,7 @@ def build(cfg, rng) -> Tuple[Components, Dict[str, Any], Dict[str, Any]]:
     return components, params, frozen
 
 
-def _autoencoder_and_context(cfg, unet, dtype):
+def _autoencoder_and_context(cfg, unet, dtype, source):
     m = cfg.model
     if m.autoencoder == "identity":
         from pmf_jax.models.identity_vae import IdentityAutoencoder
@@ -120,10 +140,10 @@ def _autoencoder_and_context(cfg, unet, dtype):
     else:
         if not m.base:
             raise PMFInputError("config model.autoencoder=vae needs model.base (an SD folder with vae/)")
-        autoencoder, ae_params = from_pretrained(m.base, "vae", revision=m.revision, dtype=dtype)
+        autoencoder, ae_params = source.model(m.base, "vae", revision=m.revision, dtype=dtype)
     ctx_dim = unet.cross_attention_dim if isinstance(unet.cross_attention_dim, int) else unet.cross_attention_dim[0]
     if m.base and m.text_encoder:
-        context = _empty_prompt_context(m, dtype)
+        context = source.empty_prompt_context(m, dtype)
     else:  # prompt-free tiny models: one all-zeros token
         context = jnp.zeros((1, 1, ctx_dim), dtype)
     return autoencoder, ae_params, context
@@ -141,10 +161,14 @@ def _empty_prompt_context(m, dtype):
     return jax.jit(encoder.apply)({"params": enc_params}, np.asarray(ids, np.int32))
 
 
-def _noise_scheduler(m):
-    if m.base:
-        folder = resolve_folder(m.base, revision=m.revision)
-        path = folder / "scheduler" / "scheduler_config.json"
-        if path.is_file():
-            return make_scheduler("ddpm", json.loads(path.read_text()))
-    return make_scheduler("ddpm", DEFAULT_NOISE_SCHEDULE)
+def _noise_scheduler(m, source):
+    config = source.scheduler_config(m) if m.base else None
+    return make_scheduler("ddpm", config if config is not None else DEFAULT_NOISE_SCHEDULE)
+
+
+def sampling_scheduler_config(components: Components, prediction_type: str) -> dict:
+    """A diffusers-style scheduler config with the run's noise schedule and its model's prediction type
+    (what a sampling pipeline for the trained model needs)."""
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "steps_offset", "timestep_spacing")
+    config = {k: getattr(components.noise_scheduler, k) for k in keys if hasattr(components.noise_scheduler, k)}
+    return dict(config, prediction_type=prediction_type)
