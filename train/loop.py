@@ -31,9 +31,22 @@ class TrainingDiverged(RuntimeError):
 
 
 def maybe_initialize_distributed() -> None:
-    """Multi-host: ``jax.distributed.initialize()`` when launched that way (coordinator address in the env)."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("PMF_DISTRIBUTED") == "1":
-        jax.distributed.initialize(initialization_timeout=int(os.environ.get("PMF_INIT_TIMEOUT", "900")))
+    """Multi-host: ``jax.distributed.initialize()`` when launched that way.
+
+    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` are passed on
+    when set; ``PMF_DISTRIBUTED=1`` alone lets JAX detect the cluster (Cloud TPU pods, SLURM).
+    """
+    env = os.environ
+    if not (env.get("JAX_COORDINATOR_ADDRESS") or env.get("PMF_DISTRIBUTED") == "1"):
+        return
+    kwargs = {"initialization_timeout": int(env.get("PMF_INIT_TIMEOUT", "900"))}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+    if env.get("JAX_NUM_PROCESSES"):
+        kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    if env.get("JAX_PROCESS_ID"):
+        kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
 
 
 def state_shardings(abstract: TrainState, mesh, rules) -> TrainState:
