@@ -34,7 +34,8 @@ def _cli(run_dir, env, *extra):
 
 def test_loss_decreases(env, tmp_path):
     cfg = load_config(CONFIG, train_fixtures.overrides(env, tmp_path / "run", "train.steps=60", "train.lr=3e-3",
-                                                       "train.checkpoint_every=60"))
+                                                       "train.checkpoint_every=60", "train.eval_every=60",
+                                                       "sampling.steps=2"))
     last = train_and_evaluate(cfg)
     losses = [row["loss"] for row in read_metrics(tmp_path / "run")]
     assert len(losses) == 60 and last["step"] == 60
@@ -44,6 +45,11 @@ def test_loss_decreases(env, tmp_path):
     run_files = {p.name for p in (tmp_path / "run").iterdir()}
     assert {"config.yaml", "components.json", "metrics.jsonl", "checkpoints", "tensorboard"} <= run_files
     assert any((tmp_path / "run" / "tensorboard").iterdir())
+    # the sample grid of step 60: 4 eval pairs x (source | pose | sample | target) at 64 px
+    from PIL import Image
+
+    grid = np.asarray(Image.open(tmp_path / "run" / "previews" / "step_0000060.png"))
+    assert grid.shape == (4 * 64, 4 * 64, 3) and grid[:, 128:192].std() > 0
 
 
 def _wait_for(predicate, timeout, proc):

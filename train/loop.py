@@ -23,6 +23,7 @@ from pmf_jax.parallel import (batch_sharding, jit_sharded, make_global_batch, ma
 from pmf_jax.training import components as components_lib
 from train import checkpointing
 from train.logs import MetricWriter, Throughput, log
+from train.previews import Previews
 from pmf_jax.training.state import TrainState, bind_step, init_state, make_optimizer
 
 
@@ -143,6 +144,7 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
 
     # ---- Loop ----------------------------------------------------------------------------------------------------
     writer = MetricWriter(run_dir)
+    previews = Previews(cfg, comps, frozen, writer, run_dir) if start < end else None
     preempted = checkpointing.PreemptionFlag().install()
     speed = Throughput()
     last: Dict[str, float] = {}
@@ -169,6 +171,8 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last.get('images_per_s', 0):.1f}")
             if must_save:
                 checkpointing.save(manager, step, state, iterator.get_state())
+            if previews is not None and (step % tc.eval_every == 0 or step == tc.steps):
+                previews(step, state.params, frozen_params)
             if preempted:
                 log(f"SIGTERM: saved step {step}, exiting")
                 break

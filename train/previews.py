@@ -1,0 +1,57 @@
+"""Sample grids during training: every ``train.eval_every`` steps the current weights retarget a fixed batch of the
+eval split; the grid (source | target pose | sample | ground truth) goes to TensorBoard and ``previews/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from pmf_jax import input_pipeline
+from pmf_jax.pipelines import RetargetPipeline
+from pmf_jax.training.components import sampling_scheduler_config
+from train.logs import image_grid, log
+
+MAX_IMAGES = 4
+
+
+class Previews:
+    def __init__(self, cfg, components, frozen, writer, run_dir: Path):
+        self.cfg, self.components, self.writer = cfg, components, writer
+        self.frozen = jax.device_get(frozen)
+        self.dir = Path(run_dir) / "previews"
+        self.active = jax.process_index() == 0 and jax.process_count() == 1 and components.controlnet is not None
+        if jax.process_count() > 1:
+            log("previews are off on multi-host runs (the sharded weights are not on one host)")
+        self.batch = None
+        if self.active:
+            loader = input_pipeline.make_loader(
+                cfg.data.name, cfg.data.eval_split, cfg.data.data_dir, min(cfg.data.eval_batch_size, MAX_IMAGES),
+                cfg.data.height_width, config=cfg.data.builder_config, shuffle=False, augment=False, num_epochs=1,
+                shard_index=0, shard_count=1)
+            self.batch = next(iter(loader))
+
+    def __call__(self, step: int, trainable, frozen_params) -> None:
+        if not self.active:
+            return
+        c, cfg = self.components, self.cfg
+        params = jax.device_get({**frozen_params, **trainable})
+        ref = params["unet"] if cfg.reference.mode == "reference_only" else params["reference_unet"]
+        pipe = RetargetPipeline(unet=(c.unet, params["unet"]), controlnet=(c.controlnet, params["controlnet"]),
+                                vae=(c.autoencoder, self.frozen["autoencoder"]),
+                                reference_unet=(c.reference_unet, ref) if cfg.reference.mode == "acm" else None,
+                                mode=cfg.reference.mode, context=np.asarray(self.frozen["context"][0]),
+                                scheduler_config=sampling_scheduler_config(c, cfg.train.prediction_type))
+        to_u8 = lambda x, low: np.round((np.clip(x, low, 1) - low) / (1 - low) * 255).astype(np.uint8)  # noqa
+        height, width = cfg.data.height_width
+        samples = pipe(list(to_u8(self.batch["source"], -1.0)), list(to_u8(self.batch["pose"], 0.0)),
+                       num_inference_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.text_guidance_scale,
+                       scheduler=cfg.sampling.scheduler, height=height, width=width, seed=cfg.sampling.seed,
+                       reference_config=cfg.reference.to_reference_config(), pose_kind="skeleton", output_type="np")
+        grid = image_grid([self.batch["source"], self.batch["pose"], np.asarray(samples), self.batch["target"]])
+        self.writer.image(step, "samples", grid)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        from PIL import Image
+
+        Image.fromarray(grid).save(self.dir / f"step_{step:07d}.png")
