@@ -113,3 +113,16 @@ def test_dataset_not_built_subprocess(env, tmp_path):
     assert run.returncode == 2
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "is not built" in last and "Traceback" not in run.stderr
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(env, tmp_path, capsys):
+    run = tmp_path / "run"
+    ok = train_main(["--config", CONFIG, *train_fixtures.overrides(env, run, "train.steps=2",
+                                                                   "train.checkpoint_every=2")])
+    assert ok == 0
+    # resume the same run with inputs that overflow: the loss turns inf/NaN at step 3
+    code = train_main(["--config", CONFIG, *train_fixtures.overrides(env, run, "train.steps=4", "train.noise_offset=1e30",
+                                                                     "train.checkpoint_every=1")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 3 and err.startswith("error: loss became non-finite at step 3") and "last good checkpoint 2" in err
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2]

@@ -83,7 +83,7 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
     mesh = make_mesh(cfg.mesh, devices=devices)
     rules = rules_from_config(cfg.mesh)
     shards = num_batch_shards(mesh, rules)
-    if cfg.data.batch_size % (shards * jax.process_count()) or cfg.data.batch_size % jax.process_count():
+    if cfg.data.batch_size % shards or cfg.data.batch_size % jax.process_count():
         raise PMFInputError(f"config data.batch_size={cfg.data.batch_size} must divide by the data-parallel size "
                             f"({shards} = data x fsdp) and the process count ({jax.process_count()})")
     local_batch = cfg.data.batch_size // jax.process_count()

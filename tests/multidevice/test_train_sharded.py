@@ -69,3 +69,11 @@ def test_checkpoint_from_2x4x1_resumes_on_4_devices_and_on_1(env, single, tmp_pa
     assert step == 2 and _rel(on_four, single["step2"]) <= 1e-5
     on_one, step = _train(env, tmp_path / "b", (1, 1, 1), 1, steps=2)
     assert step == 2 and _rel(on_one, single["step2"]) <= 1e-5
+
+
+def test_global_batch_must_divide_the_data_parallel_size(env, tmp_path):
+    from pmf_jax.errors import PMFInputError
+
+    cfg = load_config(CONFIG, train_fixtures.overrides(env, tmp_path / "run", "data.batch_size=4", "mesh.data=8"))
+    with pytest.raises(PMFInputError, match="data.batch_size=4 must divide by the data-parallel size"):
+        train_and_evaluate(cfg)
