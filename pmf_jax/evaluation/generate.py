@@ -78,22 +78,17 @@ def build_pipeline(cfg: config_lib.Config):
 
 def sample_pairs(pipe, cfg: config_lib.Config, sources: np.ndarray, poses: np.ndarray, seeds: Sequence[int],
                  prompt: str, negative_prompt: str) -> List:
-    """PIL images for a batch of pairs (``sources``, ``poses``: uint8 ``[B, H, W, 3]``).
-
-    The pipeline takes one source image per call, so this calls it once per pair (each call is padded to the
-    device count); a pipeline call over different sources would make this one call.
-    """
+    """PIL images for a batch of pairs (``sources``, ``poses``: uint8 ``[B, H, W, 3]``), in one pipeline call (the
+    batch is split over the devices). Image i uses ``seeds[i]`` exactly as a call with that seed alone would, so the
+    images do not depend on the batching or on an interrupted run."""
     s = cfg.sampling
     appearance = None if s.reference_guidance_scale == 1.0 else s.reference_guidance_scale
     h, w = sources.shape[1:3]
-    images = []
-    for source, pose, seed in zip(sources, poses, seeds):
-        images += pipe(source, pose, prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=s.steps,
-                       guidance_scale=s.text_guidance_scale, appearance_guidance_scale=appearance,
-                       controlnet_conditioning_scale=s.controlnet_scale, scheduler=s.scheduler, height=h, width=w,
-                       num_images=1, seed=int(seed), reference_config=cfg.reference.to_reference_config(),
-                       pose_kind="skeleton")
-    return images
+    return pipe(list(sources), list(poses), prompt=prompt, negative_prompt=negative_prompt,
+                num_inference_steps=s.steps, guidance_scale=s.text_guidance_scale,
+                appearance_guidance_scale=appearance, controlnet_conditioning_scale=s.controlnet_scale,
+                scheduler=s.scheduler, height=h, width=w, num_images=1, seed=[int(x) for x in seeds],
+                reference_config=cfg.reference.to_reference_config(), pose_kind="skeleton")
 
 
 def _batches(pairs: List[Pair], size: int):
