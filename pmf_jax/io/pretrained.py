@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 from pmf_jax.errors import PMFInputError
 from pmf_jax.io.hub import resolve_folder
 from pmf_jax.io.naming import params_to_state_dict, state_dict_to_params
+from pmf_jax.io.orbax_params import has_orbax_params, restore_params
 from pmf_jax.io.registry import model_class_for_config
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -87,6 +88,8 @@ def from_pretrained(path_or_repo_id, subfolder: Optional[str] = None, dtype=jnp.
                     allow_pickle: bool = False, revision: Optional[str] = None, **module_kwargs):
     """Loads a diffusers (UNet2DConditionModel, ControlNetModel, AutoencoderKL) or transformers (CLIPTextModel) folder.
 
+    A folder with ``orbax_params/`` in place of the weight files (``pmf convert from-diffusers``) is read from orbax.
+
     Args:
       path_or_repo_id: a local folder, a pipeline folder with ``subfolder``, or a Hub repo id already in the local
         Hugging Face cache.
@@ -101,10 +104,13 @@ def from_pretrained(path_or_repo_id, subfolder: Optional[str] = None, dtype=jnp.
     config = read_config(folder)
     cls = model_class_for_config(config, folder)
     module = cls.from_config(config, dtype=dtype, attention_backend=attention_backend, **module_kwargs)
-    state = load_state_dict(folder, cls.WEIGHTS_STEM, variant=variant, allow_pickle=allow_pickle)
-    state = cls.normalize_state_dict(state)
     abstract = module.abstract_params()
-    params = state_dict_to_params(state, abstract, source=str(folder), ignore_unexpected=cls.IGNORE_UNEXPECTED)
+    if has_orbax_params(folder):  # written by `pmf convert from-diffusers`: already a Flax tree
+        params = restore_params(folder, abstract)
+    else:
+        state = load_state_dict(folder, cls.WEIGHTS_STEM, variant=variant, allow_pickle=allow_pickle)
+        state = cls.normalize_state_dict(state)
+        params = state_dict_to_params(state, abstract, source=str(folder), ignore_unexpected=cls.IGNORE_UNEXPECTED)
     target = jnp.dtype(param_dtype or dtype)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype=target), params)
     return module, params

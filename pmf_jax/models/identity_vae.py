@@ -7,8 +7,19 @@
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import flax.linen as nn
 import jax.numpy as jnp
+
+
+def patch_size_for_channels(latent_channels: int, channels: int = 3) -> Optional[int]:
+    """p with ``latent_channels == channels·p²`` (a pixel-space UNet's channels, e.g. 48 -> 4), else None."""
+    if latent_channels <= 0 or latent_channels % channels:
+        return None
+    p = math.isqrt(latent_channels // channels)
+    return p if channels * p * p == latent_channels else None
 
 
 class IdentityAutoencoder(nn.Module):

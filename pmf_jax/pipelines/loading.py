@@ -1,8 +1,9 @@
 """Loading the parts of a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) and
 single model folders (ControlNet, reference UNet) for the pipelines.
 
-A folder without ``vae/`` is accepted for pixel-space models (a UNet with 3 output channels): it gets the
-parameter-free identity autoencoder. A folder without ``text_encoder/`` gives a prompt-free pipeline (a fixed
+A folder without ``vae/`` is accepted for pixel-space models (a UNet with 3·p² output channels, p×p pixel patches
+folded into channels: 3 for p = 1, 48 for the tiny demo's p = 4): it gets the parameter-free identity autoencoder
+with that patch size. A folder without ``text_encoder/`` gives a prompt-free pipeline (a fixed
 all-zeros context).
 """
 
@@ -26,13 +27,17 @@ def _check_class(module, cls_name: str, where) -> None:
         raise PMFInputError(f"{where} holds a {type(module).__name__}, expected a {cls_name}")
 
 
-def load_model(path_or_repo_id, kind: str, subfolder: str, *, dtype, attention_backend: str = "auto",
+def load_model(path_or_repo_id, kind: str, subfolder, *, dtype, attention_backend: str = "auto",
                revision: Optional[str] = None) -> Tuple[Any, Any]:
     """``(module, params)`` of a ``kind`` model (e.g. "ControlNetModel") from its own folder or from
-    ``<pipeline folder>/<subfolder>``; a local folder or a Hub repo id in the local cache."""
+    ``<pipeline folder>/<subfolder>`` (``subfolder``: a name or a tuple of names tried in order); a local folder or a
+    Hub repo id in the local cache."""
     folder = resolve_folder(path_or_repo_id, revision=revision)
-    if not (folder / "config.json").is_file() and (folder / subfolder / "config.json").is_file():
-        folder = folder / subfolder
+    if not (folder / "config.json").is_file():
+        for name in (subfolder,) if isinstance(subfolder, str) else subfolder:
+            if (folder / name / "config.json").is_file():
+                folder = folder / name
+                break
     module, params = from_pretrained(folder, dtype=dtype, attention_backend=attention_backend)
     _check_class(module, kind, folder)
     return module, params
@@ -57,6 +62,7 @@ def load_sd_parts(path_or_repo_id, *, dtype, attention_backend: str = "auto",
       ``tokenizer`` (or None) and ``scheduler_config`` (dict).
     """
     from pmf_jax.models.clip_text import load_tokenizer
+    from pmf_jax.models.identity_vae import IdentityAutoencoder, patch_size_for_channels
 
     folder = resolve_folder(path_or_repo_id, revision=revision)
     if not (folder / "unet").is_dir():
@@ -67,13 +73,11 @@ def load_sd_parts(path_or_repo_id, *, dtype, attention_backend: str = "auto",
     if (folder / "vae").is_dir():
         vae = from_pretrained(folder, "vae", **kw)
         _check_class(vae[0], "AutoencoderKL", folder / "vae")
-    elif unet[0].out_channels == 3:
-        from pmf_jax.models.identity_vae import IdentityAutoencoder
-
-        vae = (IdentityAutoencoder(), {})
+    elif patch_size_for_channels(unet[0].out_channels) is not None:
+        vae = (IdentityAutoencoder(patch_size=patch_size_for_channels(unet[0].out_channels)), {})
     else:
-        raise PMFInputError(f"{folder} has no vae/ subfolder (only pixel-space models, whose UNet has 3 output "
-                            f"channels, may leave it out)")
+        raise PMFInputError(f"{folder} has no vae/ subfolder (only pixel-space models, whose UNet has 3·p² output "
+                            f"channels, may leave it out; this one has {unet[0].out_channels})")
     text_encoder = tokenizer = None
     if (folder / "text_encoder").is_dir():
         text_encoder = from_pretrained(folder, "text_encoder", **kw)

@@ -118,7 +118,9 @@ class RetargetPipeline(SamplingPipeline):
         kw = dict(dtype=common.resolve_dtype(dtype), attention_backend=attention_backend)
         parts = load_sd_parts(sd_path_or_id, revision=revision, **kw)
         cn = load_model(controlnet, "ControlNetModel", "controlnet", **kw)
-        ref = load_model(reference_unet, "UNet2DConditionModel", "unet", **kw) if mode == "acm" else None
+        # a PMF export (`pmf convert to-diffusers`) holds the ACM as reference_unet/ beside the base's unet/
+        ref = (load_model(reference_unet, "UNet2DConditionModel", ("reference_unet", "unet"), **kw)
+               if mode == "acm" else None)
         return cls(parts["unet"], cn, parts["vae"], parts["text_encoder"], parts["tokenizer"], ref, mode,
                    parts["scheduler_config"], compilation_cache=compilation_cache)
 

@@ -108,14 +108,16 @@ def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Compo
         raise PMFInputError("config model.base (an SD folder/repo) or model.unet_config (a UNet config.json for a "
                             "randomly initialised model) must be set")
     if m.reference_unet:
-        ref_unet, params["reference_unet"] = source.model(m.reference_unet, param_dtype=jnp.float32, **kw)
+        ref_unet, params["reference_unet"] = source.model(*_part_of(m.reference_unet, "reference_unet"),
+                                                          param_dtype=jnp.float32, **kw)
     else:  # the ACM starts as a copy of the base UNet (MagicPose)
         ref_unet, params["reference_unet"] = unet, jax.tree_util.tree_map(jnp.array, params["unet"])
     autoencoder, ae_params, context = _autoencoder_and_context(cfg, unet, dtype, source)
     controlnet = None
     if cfg.train.stage == 2 or "controlnet" in trainable:
         if m.controlnet:
-            controlnet, params["controlnet"] = source.model(m.controlnet, param_dtype=jnp.float32, **kw)
+            controlnet, params["controlnet"] = source.model(*_part_of(m.controlnet, "controlnet"),
+                                                            param_dtype=jnp.float32, **kw)
         else:  # the pose image enters at pixel resolution: one stride-2 stage per factor 2 of the autoencoder
             stages = int(np.log2(autoencoder.downscale_factor)) + 1
             controlnet, params["controlnet"] = controlnet_from_unet(
@@ -129,6 +131,15 @@ def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Compo
             params[part] = jax.tree_util.tree_map(lambda a: a.astype(frozen_dtype), params[part])
     frozen = {"autoencoder": jax.tree_util.tree_map(lambda a: a.astype(frozen_dtype), ae_params), "context": context}
     return components, params, frozen
+
+
+def _part_of(path: str, subfolder: str) -> Tuple[str, Optional[str]]:
+    """(path, subfolder) to load a model from: a PMF folder (a `pmf convert` output, marked by pmf_pretrained.json or
+    pmf_config.json) stands for its ``subfolder``; any other path is the model folder itself."""
+    folder = Path(path).expanduser()
+    if (folder / "pmf_pretrained.json").is_file() or (folder / "pmf_config.json").is_file():
+        return path, subfolder
+    return path, None
 
 
 def _autoencoder_and_context(cfg, unet, dtype, source):
