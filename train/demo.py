@@ -1,6 +1,7 @@
 """``make demo``: build synthetic_pairs (64x64), train the tiny PMF model, retarget held-out identities, score.
 
-Writes ``outputs/demo/grid.png`` (rows: test pairs; columns: source | target pose | PMF | PMF without the reference
+Also exports the run with ``pmf convert to-diffusers`` (``outputs/demo/export``) and runs ``pmf retarget`` on
+one held-out pair (``outputs/demo/retarget``). Writes ``outputs/demo/grid.png`` (rows: test pairs; columns: source | target pose | PMF | PMF without the reference
 bank | ground truth) and ``outputs/demo/metrics.json`` with SSIM and PSNR against the ground truth for (a) the
 trained PMF model and (b) the same weights with the reference bank disabled at sampling. Appearance reaches the
 output only through the reference, so (a) must beat (b) on identities never seen in training.
@@ -31,6 +32,35 @@ def _score(generated: np.ndarray, truth: np.ndarray) -> dict:
     ssim = [structural_similarity(a, b, channel_axis=-1, data_range=255) for a, b in zip(g, t)]
     psnr = [peak_signal_noise_ratio(b, a, data_range=255) for a, b in zip(g, t)]
     return {"ssim": float(np.mean(ssim)), "psnr": float(np.mean(psnr))}
+
+
+def _pmf(*args) -> None:
+    run = subprocess.run([sys.executable, "-m", "pmf_jax.cli", *map(str, args)])
+    if run.returncode:
+        raise SystemExit(f"`pmf {' '.join(map(str, args[:2]))}` failed with exit code {run.returncode}")
+
+
+def _export_and_retarget_one(cfg, out: Path, result: dict) -> None:
+    """What a user does with the trained run: export it to diffusers folders, then `pmf retarget` a held-out pair."""
+    import shutil
+
+    from PIL import Image
+
+    export, retarget = out / "export", out / "retarget"
+    shutil.rmtree(export, ignore_errors=True)
+    print(f"[demo] pmf convert to-diffusers --checkpoint {cfg.train.output_dir} --out {export}", flush=True)
+    _pmf("convert", "to-diffusers", "--checkpoint", cfg.train.output_dir, "--out", export)
+    to_u8 = lambda x, low: np.round((np.clip(x, low, 1) - low) / (1 - low) * 255).astype(np.uint8)  # noqa: E731
+    retarget.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(to_u8(result["source"][0], -1.0)).save(out / "test_source.png")
+    Image.fromarray(to_u8(result["pose"][0], 0.0)).save(out / "test_pose.png")
+    height, width = cfg.data.height_width
+    print(f"[demo] pmf retarget --mode acm ... --out {retarget}", flush=True)
+    _pmf("retarget", "--model", export, "--controlnet", export, "--reference-unet", export, "--mode", "acm",
+         "--source", out / "test_source.png", "--pose", out / "test_pose.png", "--pose-kind", "skeleton",
+         "--steps", cfg.sampling.steps, "--scheduler", cfg.sampling.scheduler, "--guidance-scale",
+         cfg.sampling.text_guidance_scale, "--height", height, "--width", width, "--num-images", 1,
+         "--seed", cfg.sampling.seed, "--out", retarget)
 
 
 def main(argv=None) -> dict:
@@ -72,6 +102,7 @@ def main(argv=None) -> dict:
 
     from train.logs import image_grid
 
+    _export_and_retarget_one(cfg, out, result)
     rows = slice(0, 8)
     grid = image_grid([result["source"][rows], result["pose"][rows], result["generated"][rows],
                        result["generated_no_reference"][rows], result["target"][rows]])
