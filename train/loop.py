@@ -171,7 +171,7 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last.get('images_per_s', 0):.1f}")
             if must_save:
                 checkpointing.save(manager, step, state, iterator.get_state())
-            if previews is not None and (step % tc.eval_every == 0 or step == tc.steps):
+            if previews is not None and step % tc.eval_every == 0:
                 previews(step, state.params, frozen_params)
             if preempted:
                 log(f"SIGTERM: saved step {step}, exiting")
