@@ -17,9 +17,9 @@ run() {
 }
 
 start=$(date +%s)
-run tests --ignore=tests/multidevice -q -ra --durations=15 "$@"
+run tests --ignore=tests/multidevice -q -ra --durations=25 -n 2 --dist loadfile "$@"
 if [ -d tests/multidevice ]; then
-  XLA_FLAGS="--xla_force_host_platform_device_count=8" run tests/multidevice -q -ra "$@"
+  XLA_FLAGS="--xla_force_host_platform_device_count=8" run tests/multidevice -q -ra --durations=10 "$@"
 fi
 echo "run_all: suite took $(( $(date +%s) - start )) s, status $status"
 exit $status
