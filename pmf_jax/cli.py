@@ -22,6 +22,7 @@ COMMANDS = {
     "enhance": "pmf_jax.commands.enhance",
     "pose": "pmf_jax.commands.pose",
     "eval": "pmf_jax.commands.eval",
+    "convert": "pmf_jax.commands.convert",
 }
 
 INPUT_ERROR_STATUS = 2
