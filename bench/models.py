@@ -58,9 +58,7 @@ def model_configs(tiny: bool) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------- models
 
 def jax_model(kind: str, config: Dict[str, Any], *, dtype, param_dtype=None, backend: str = "auto", seed: int = 0):
-    """(module, params) of one of our models from a config dict, with random weights made on the device."""
-    import jax
-
+    """(module, params) of one of our models from a config dict, with random weights (see :func:`random_params`)."""
     from pmf_jax.io.registry import model_class
 
     cls = model_class({"unet": "UNet2DConditionModel", "controlnet": "ControlNetModel", "vae": "AutoencoderKL",
@@ -105,6 +103,8 @@ def torch_model(kind: str, config: Dict[str, Any], *, device, dtype):
         else:
             import diffusers
 
+            # the models are cast whole on purpose (as diffusers' own pipelines do with torch_dtype): no warning
+            diffusers.utils.logging.set_verbosity_error()
             cls = {"unet": diffusers.UNet2DConditionModel, "controlnet": diffusers.ControlNetModel,
                    "vae": diffusers.AutoencoderKL}[kind]
             model = cls(**config)

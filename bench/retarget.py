@@ -119,9 +119,9 @@ class JaxSide:
         clip_x = clip.clone(attention_backend="xla")
         dtype = self.env.jnp_dtype()
         h = self.size // vae.downscale_factor
-        ids = jnp.zeros((2 * n, 77), jnp.int32)
-        img = jnp.zeros((n, self.size, self.size, 3), dtype)
-        lat = jnp.zeros((n, h, h, 4), dtype)
+        ids = jax.ShapeDtypeStruct((2 * n, 77), jnp.int32)                        # shapes only: nothing runs
+        img = jax.ShapeDtypeStruct((n, self.size, self.size, 3), dtype)
+        lat = jax.ShapeDtypeStruct((n, h, h, 4), dtype)
         text = common.lowered_flops(jax.jit(lambda p, i: clip_x.apply({"params": p}, i)).lower(clip_p, ids))
         enc = common.lowered_flops(jax.jit(lambda p, x: vae_x.apply({"params": p}, x, method=vae_x.encode)).lower(
             vae_p, img))

@@ -64,3 +64,34 @@ def test_benches_tiny_report_ratios(tmp_path):
         f"{name}: " + ", ".join(f"{r['impl']} {r['speedup']:.2f}x" for r in json.loads(
             (tmp_path / f"{name}.json").read_text())["rows"] if r["status"] == "ok" and r["impl"] != "pmf_jax")
         for name in BENCHES))
+
+
+def test_bench_models_match_across_frameworks():
+    """The benches build each model on both sides from one config: the same architecture (parameter count, tiny
+    configs), and the SD1.5 configs are SD1.5 (859.52M UNet, 361.28M ControlNet, 83.65M VAE, 123.06M text encoder;
+    counted on torch's meta device — tracing our SD1.5 models here would cost ~15 s)."""
+    import jax
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import models
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from pmf_jax.io.registry import model_class
+
+    names = {"unet": "UNet2DConditionModel", "controlnet": "ControlNetModel", "vae": "AutoencoderKL",
+             "clip": "CLIPTextModel"}
+    expected_sd15 = {"unet": 859_520_964, "controlnet": 361_279_120, "vae": 83_653_863, "clip": 123_060_480}
+    for tiny in (True, False):
+        cfg = models.model_configs(tiny)
+        for kind, name in names.items():
+            with torch.device("meta"):
+                theirs = models.param_count(models.torch_model(kind, cfg[kind], device=torch.device("meta"),
+                                                               dtype=torch.float32))
+            if not tiny:
+                assert theirs == expected_sd15[kind], (kind, theirs)
+                continue
+            module = model_class(name).from_config(cfg[kind])
+            ours = sum(x.size for x in jax.tree_util.tree_leaves(module.abstract_params()))
+            assert ours == theirs, (kind, ours, theirs)
