@@ -22,6 +22,7 @@ COMMANDS = {
     "enhance": "pmf_jax.commands.enhance",
     "pose": "pmf_jax.commands.pose",
     "eval": "pmf_jax.commands.eval",
+    "scaling": "pmf_jax.commands.scaling",
     "convert": "pmf_jax.commands.convert",
 }
 

@@ -11,20 +11,18 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from tqdm import tqdm
 
 from pmf_jax import input_pipeline
 from pmf_jax.config import Config, save_config
 from pmf_jax.errors import PMFInputError
 from pmf_jax.parallel import (batch_sharding, jit_sharded, make_global_batch, make_mesh, num_batch_shards,
-                              opt_state_shardings, param_shardings, replicated, rules_from_config)
+                              param_shardings, replicated, rules_from_config)
 from pmf_jax.training import components as components_lib
 from train import checkpointing
 from train.logs import MetricWriter, Throughput, log
 from train.previews import Previews
-from pmf_jax.training.state import TrainState, bind_step, init_state, make_optimizer
+from pmf_jax.training.state import bind_step, init_state, make_optimizer, state_shardings
 
 
 class TrainingDiverged(RuntimeError):
@@ -48,13 +46,6 @@ def maybe_initialize_distributed() -> None:
     if env.get("JAX_PROCESS_ID"):
         kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
     jax.distributed.initialize(**kwargs)
-
-
-def state_shardings(abstract: TrainState, mesh, rules) -> TrainState:
-    params_sh = param_shardings(abstract.params, mesh, rules)
-    return TrainState(step=replicated(mesh), params=params_sh,
-                      opt_state=opt_state_shardings(abstract.opt_state, abstract.params, params_sh, mesh),
-                      ema_params=None if abstract.ema_params is None else params_sh, rng=replicated(mesh))
 
 
 def _write_run_info(run_dir: Path, cfg: Config, comps) -> None:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pmf_jax.parallel import opt_state_shardings, param_shardings, replicated
 from pmf_jax.training.objective import pmf_loss
 
 
@@ -75,6 +76,15 @@ def train_step(state: TrainState, frozen_params: Dict[str, Any], frozen: Dict[st
         ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=learning_rate_schedule(train_cfg)(state.step))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+
+def state_shardings(abstract: TrainState, mesh, rules) -> TrainState:
+    """``NamedSharding``s of a train state (``abstract``: e.g. ``jax.eval_shape`` of :func:`init_state`): params,
+    optimizer moments and EMA by the rules, the step and key replicated."""
+    params_sh = param_shardings(abstract.params, mesh, rules)
+    return TrainState(step=replicated(mesh), params=params_sh,
+                      opt_state=opt_state_shardings(abstract.opt_state, abstract.params, params_sh, mesh),
+                      ema_params=None if abstract.ema_params is None else params_sh, rng=replicated(mesh))
 
 
 def bind_step(components, tx, train_cfg, reference_cfg):
