@@ -1,7 +1,5 @@
 """The trainer end to end on synthetic data: loss goes down, kill -9 + resume is exact, SIGTERM saves, bad input."""
 
-import json
-import os
 import signal
 import subprocess
 import sys

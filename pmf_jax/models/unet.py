@@ -7,7 +7,7 @@ Config keys and semantics are diffusers' (``attention_head_dim`` is the number o
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from pmf_jax.models.controlnet import ControlNetModel
 from pmf_jax.models.unet import UNet2DConditionModel
