@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from convert_fixtures import tiny_export, tiny_run  # noqa: F401  (fixtures)
 from tiny_sd import tiny_sd  # noqa: F401  (fixture)
 
 COMMON = ["--steps", "2", "--height", "64", "--width", "64", "--seed", "7", "--no-progress"]
@@ -50,7 +51,7 @@ def test_retarget_modes_and_enhance(cli, tiny_sd, tmp_path):
     assert Image.open(acm / "result_00.png").size == (64, 64)
     np.testing.assert_array_equal(np.asarray(Image.open(acm / "pose.png")), np.asarray(Image.open(tiny_sd.pose)))
     settings = json.loads((acm / "settings.json").read_text())
-    assert settings["mode"] == "acm" and settings["seed"] == 7 and settings["appearance_guidance_scale"] == 2.0
+    assert settings["resolved_mode"] == "acm" and settings["seed"] == 7 and settings["appearance_guidance_scale"] == 2.0
     assert settings["resolved_height"] == 64 and settings["outputs"] == ["result_00.png", "result_01.png"]
     assert np.abs(_pixels(acm) - _pixels(acm, "result_01.png")).mean() > 1.0
 
@@ -79,6 +80,21 @@ def test_retarget_modes_and_enhance(cli, tiny_sd, tmp_path):
     assert json.loads(edited.with_suffix(".json").read_text())["instruction"] == "make it blue"
 
 
+def test_retarget_an_export_alone(cli, tiny_sd, tiny_export, tmp_path):
+    """``--model EXPORT`` is enough: the export's ControlNet, reference UNet, mode and reference settings; a flag
+    overrides one setting and keeps the others."""
+    from pmf_jax.convert import read_pmf_config
+
+    trained = read_pmf_config(tiny_export)["reference"]
+    out = tmp_path / "export_run"
+    cli("retarget", "--model", tiny_export, "--source", tiny_sd.source, "--pose", tiny_sd.pose, "--out", out,
+        "--num-images", "1", "--style-fidelity", "0.25", *COMMON)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["resolved_mode"] == "acm" and settings["mode"] is None
+    assert settings["resolved_reference"] == dict(trained, style_fidelity=0.25)
+    assert Image.open(out / "result_00.png").size == (64, 64)
+
+
 def test_help_and_input_errors(cli, tiny_sd, tmp_path):
     for command in ([], ["retarget"], ["enhance"]):
         assert "usage: pmf" in cli(*command, "--help").stdout
@@ -101,7 +117,9 @@ def test_help_and_input_errors(cli, tiny_sd, tmp_path):
         "no person": _retarget(tiny_sd, out, "--pose", empty_json, "--mode", "controlnet_only"),
         "--source: file": _retarget(tiny_sd, out, "--pose", tiny_sd.pose, "--mode", "controlnet_only") + [
             "--source", tmp_path / "gone.png"],
-        "needs --reference-unet": _retarget(tiny_sd, out, "--pose", tiny_sd.pose),
+        "needs reference_unet": _retarget(tiny_sd, out, "--pose", tiny_sd.pose),
+        "has no controlnet/": [a for a in _retarget(tiny_sd, out, "--pose", tiny_sd.pose, "--mode", "controlnet_only")
+                               if a != tiny_sd.controlnet and a != "--controlnet"],
         "must end in": ["enhance", "--model", tiny_sd.ip2p, "--image", tiny_sd.source, "--instruction", "x",
                         "--out", tmp_path / "out.txt"],
         # raised after JAX and the loader start: a missing model folder

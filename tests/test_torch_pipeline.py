@@ -116,6 +116,31 @@ def test_sd_base_export_step_matches(base_export, inputs):
     assert rel_err(ours, theirs) <= 1e-4 and np.abs(ours - theirs).max() <= 1e-4  # measured 1.5e-6, 6.7e-6
 
 
+def test_jax_pipeline_takes_the_exports_parts_and_settings(tiny_export, inputs, tmp_path):
+    """``RetargetPipeline.from_pretrained(export)`` alone: the export's ControlNet, reference UNet, mode and reference
+    settings (pmf_config.json) — the same images as passing them explicitly; other settings give other images."""
+    import json
+    import shutil
+
+    from pmf_jax.convert import read_pmf_config
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    config = read_pmf_config(export)
+    assert config["mode"] == "acm"
+    trained = dict(config["reference"], fusion_blocks="midup", style_fidelity=0.5)
+    (export / "pmf_config.json").write_text(json.dumps(dict(config, reference=trained)))
+    pipe = RetargetPipeline.from_pretrained(export, compilation_cache=False)
+    assert pipe.mode == "acm" and pipe.reference_config == ReferenceConfig(**trained)
+    explicit, _ = _pair(tiny_export, "acm", one_step=False)
+    ours = _jax(pipe, inputs, 2, output_type="latent")
+    np.testing.assert_array_equal(ours, _jax(explicit, inputs, 2, output_type="latent",
+                                             reference_config=ReferenceConfig(**trained)))
+    assert rel_err(ours, _jax(explicit, inputs, 2, output_type="latent")) > 1e-3  # the defaults differ
+    assert RetargetPipeline.from_pretrained(export, mode="controlnet_only", compilation_cache=False).mode == \
+        "controlnet_only"
+
+
 def test_patch_autoencoder_matches_jax():
     from pmf_jax.models.identity_vae import IdentityAutoencoder
 

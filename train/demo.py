@@ -55,8 +55,8 @@ def _export_and_retarget_one(cfg, out: Path, result: dict) -> None:
     Image.fromarray(to_u8(result["source"][0], -1.0)).save(out / "test_source.png")
     Image.fromarray(to_u8(result["pose"][0], 0.0)).save(out / "test_pose.png")
     height, width = cfg.data.height_width
-    print(f"[demo] pmf retarget --mode acm ... --out {retarget}", flush=True)
-    _pmf("retarget", "--model", export, "--controlnet", export, "--reference-unet", export, "--mode", "acm",
+    print(f"[demo] pmf retarget --model {export} ... --out {retarget}", flush=True)
+    _pmf("retarget", "--model", export,  # the export supplies its ControlNet, reference UNet, mode, settings
          "--source", out / "test_source.png", "--pose", out / "test_pose.png", "--pose-kind", "skeleton",
          "--steps", cfg.sampling.steps, "--scheduler", cfg.sampling.scheduler, "--guidance-scale",
          cfg.sampling.text_guidance_scale, "--height", height, "--width", width, "--num-images", 1,

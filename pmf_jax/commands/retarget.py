@@ -13,6 +13,8 @@ from pmf_jax.pipelines.images import check_resolution, image_row, load_image, re
 
 MODES = ("acm", "reference_only", "controlnet_only")  # = pmf_jax.pipelines.MODES (no JAX import here)
 POSE_KINDS = ("auto", "image", "skeleton", "keypoints")
+REFERENCE_FLAGS = ("fusion_blocks", "attention_weight", "style_fidelity", "reference_timestep",
+                   "controlnet_reads_reference")  # ReferenceConfig fields set at sampling time (noise_reference: the export's)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -22,13 +24,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "OpenPose ControlNet and (modes acm / reference_only) the reference bank. Writes "
                     "result_XX.png, pose.png, grid.png (source | pose | results) and settings.json into --out.")
     models = p.add_argument_group("models")
-    models.add_argument("--model", required=True, help="Stable Diffusion folder or cached Hub repo id "
-                                                       "(unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
-    models.add_argument("--controlnet", required=True, help="OpenPose ControlNet folder or cached repo id")
-    models.add_argument("--reference-unet", help="reference UNet folder (the trained ACM; mode acm)")
-    models.add_argument("--mode", choices=MODES, default="acm",
+    models.add_argument("--model", required=True,
+                        help="Stable Diffusion folder or cached Hub repo id (unet/, vae/, text_encoder/, tokenizer/, "
+                             "scheduler/); a PMF export (pmf convert to-diffusers) also supplies the ControlNet, the "
+                             "reference UNet, the mode and the reference settings it was trained with")
+    models.add_argument("--controlnet", help="OpenPose ControlNet folder or cached repo id (default: the --model "
+                                             "folder's controlnet/)")
+    models.add_argument("--reference-unet", help="reference UNet folder (the trained ACM; mode acm; default: the "
+                                                 "--model folder's reference_unet/)")
+    models.add_argument("--mode", choices=MODES,
                         help="acm: the reference UNet writes the bank; reference_only: the denoising UNet writes "
-                             "it; controlnet_only: no reference (default: %(default)s)")
+                             "it; controlnet_only: no reference (default: the export's mode, else acm)")
     inputs = p.add_argument_group("inputs")
     inputs.add_argument("--source", required=True, help="source image (the person to redraw)")
     inputs.add_argument("--pose", required=True,
@@ -49,13 +55,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                           help="separate appearance guidance (3 guidance rows); default: off, the unconditional row "
                                "reads the reference by --style-fidelity")
     sampling.add_argument("--controlnet-scale", type=float, default=1.0, help="(default: %(default)s)")
-    ref = p.add_argument_group("reference bank")
-    ref.add_argument("--fusion-blocks", choices=("full", "midup"), default="full")
-    ref.add_argument("--attention-weight", type=float, default=1.0, help="reference-only auto machine weight")
-    ref.add_argument("--style-fidelity", type=float, default=0.0,
-                     help="how much the unconditional row ignores the reference, in [0, 1] (default: 0)")
-    ref.add_argument("--reference-timestep", choices=("same", "zero"), default="same")
-    ref.add_argument("--controlnet-reads-reference", action="store_true")
+    ref = p.add_argument_group("reference bank", "defaults: the settings a PMF export was trained with "
+                                                 "(pmf_config.json), else the values shown")
+    ref.add_argument("--fusion-blocks", choices=("full", "midup"), help="(full)")
+    ref.add_argument("--attention-weight", type=float, help="reference-only auto machine weight (1.0)")
+    ref.add_argument("--style-fidelity", type=float,
+                     help="how much the unconditional row ignores the reference, in [0, 1] (0)")
+    ref.add_argument("--reference-timestep", choices=("same", "zero"), help="(same)")
+    ref.add_argument("--controlnet-reads-reference", action=argparse.BooleanOptionalAction,
+                     help="the ControlNet reads the bank too (off)")
     p.add_argument("--out", required=True, help="output folder")
     options.add_runtime_args(p)
     return p
@@ -79,9 +87,7 @@ def _pose_condition(args, source, size):
 def run(args) -> int:
     # Check the inputs (and prepare the pose) before loading JAX and the models.
     check_resolution(args.height, args.width)
-    if args.mode == "acm" and not args.reference_unet:
-        raise PMFInputError("--mode acm needs --reference-unet (or use --mode reference_only)")
-    if args.mode != "acm" and args.reference_unet:
+    if args.mode not in (None, "acm") and args.reference_unet:
         raise PMFInputError(f"--reference-unet is only used by --mode acm (got --mode {args.mode})")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -90,14 +96,14 @@ def run(args) -> int:
     size = resolve_size(source.shape, args.height, args.width)
     pose = _pose_condition(args, source, size)
 
-    from pmf_jax.pipelines import RetargetPipeline
-    from pmf_jax.reference import ReferenceConfig
+    import dataclasses
 
-    reference = ReferenceConfig(fusion_blocks=args.fusion_blocks, attention_weight=args.attention_weight,
-                                style_fidelity=args.style_fidelity, reference_timestep=args.reference_timestep,
-                                controlnet_reads_reference=args.controlnet_reads_reference)
+    from pmf_jax.pipelines import RetargetPipeline
+
     pipe = RetargetPipeline.from_pretrained(args.model, controlnet=args.controlnet, reference_unet=args.reference_unet,
                                             mode=args.mode, **options.runtime_kwargs(args))
+    given = {name: getattr(args, name) for name in REFERENCE_FLAGS if getattr(args, name) is not None}
+    reference = dataclasses.replace(pipe.reference_config, **given)
     fitted, _ = pipe.prepare_inputs(source, pose, *size, fit=args.pose_fit)
     images = pipe(source, pose, prompt=args.prompt, negative_prompt=args.negative_prompt,
                   num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
@@ -113,6 +119,7 @@ def run(args) -> int:
     image_row([pose.image]).save(out / "pose.png")
     image_row([fitted, pose.image] + images).save(out / "grid.png")
     options.write_settings(out / "settings.json", args, resolved_height=size[0], resolved_width=size[1],
-                           pose_input=pose.kind, outputs=[p.name for p in paths])
+                           pose_input=pose.kind, outputs=[p.name for p in paths], resolved_mode=pipe.mode,
+                           resolved_reference=dataclasses.asdict(reference))
     print(f"wrote {len(paths)} images, pose.png, grid.png and settings.json to {out}")
     return 0

@@ -71,13 +71,15 @@ class RetargetPipeline(SamplingPipeline):
       RetargetPipeline(unet=(unet, p), controlnet=(cn, p), vae=(vae, p) or None (identity autoencoder,
                        pixel space), text_encoder=(clip, p) or None (a fixed context, default all zeros
                        [1, 1, cross_attention_dim]), tokenizer=..., reference_unet=(ref, p) (mode "acm"),
-                       mode="acm", scheduler_config={...} (diffusers scheduler_config.json dict))
+                       mode="acm", scheduler_config={...} (diffusers scheduler_config.json dict),
+                       reference_config=ReferenceConfig(...) (how the bank is read by default))
 
     or from folders with :meth:`from_pretrained`. Call it with a source image and a pose (see :meth:`__call__`).
     """
 
     def __init__(self, unet, controlnet, vae=None, text_encoder=None, tokenizer=None, reference_unet=None,
-                 mode: str = "acm", scheduler_config=None, context=None, compilation_cache=None):
+                 mode: str = "acm", scheduler_config=None, context=None, compilation_cache=None,
+                 reference_config: Optional[ReferenceConfig] = None):
         super().__init__(scheduler_config, compilation_cache)
         if mode not in MODES:
             raise PMFInputError(f"mode={mode!r} must be one of {', '.join(MODES)}")
@@ -93,6 +95,7 @@ class RetargetPipeline(SamplingPipeline):
 
             vae = (IdentityAutoencoder(), {})
         self.mode = mode
+        self.reference_config = reference_config or ReferenceConfig()
         (self.unet, p_unet), (self.controlnet, p_cn), (self.vae, p_vae) = unet, controlnet, vae
         self.reference_unet = reference_unet[0] if reference_unet is not None else None
         self.params = {"unet": p_unet, "controlnet": p_cn, "vae": p_vae}
@@ -104,25 +107,42 @@ class RetargetPipeline(SamplingPipeline):
             cross_attention_dim=dim if isinstance(dim, int) else dim[0])
 
     @classmethod
-    def from_pretrained(cls, sd_path_or_id, controlnet, reference_unet=None, mode: str = "acm", dtype=None, *,
-                        attention_backend: str = "auto", compilation_cache=None, revision=None):
+    def from_pretrained(cls, sd_path_or_id, controlnet=None, reference_unet=None, mode: Optional[str] = None,
+                        dtype=None, *, attention_backend: str = "auto", compilation_cache=None, revision=None):
         """Loads an SD pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), a ControlNet folder
         (or repo id) and, for mode "acm", a reference UNet folder. ``dtype`` None: bfloat16 on GPU/TPU, float32 on
-        CPU (parameters and compute)."""
+        CPU (parameters and compute).
+
+        A PMF export (``pmf convert to-diffusers``: controlnet/, reference_unet/ and pmf_config.json beside unet/)
+        supplies what is not given: its ControlNet and reference UNet, its mode (otherwise "acm") and the reference
+        settings it was trained with (:attr:`reference_config`, the default of :meth:`__call__`)."""
+        from pmf_jax.convert.folders import read_pmf_config, reference_config_of
+        from pmf_jax.io.hub import resolve_folder
         from pmf_jax.pipelines.loading import load_model, load_sd_parts
 
+        folder = resolve_folder(sd_path_or_id, revision=revision)
+        export = read_pmf_config(folder)
+        mode = mode or (export or {}).get("mode", "acm")
         if mode not in MODES:
             raise PMFInputError(f"mode={mode!r} must be one of {', '.join(MODES)}")
+        if controlnet is None:
+            if not (folder / "controlnet" / "config.json").is_file():
+                raise PMFInputError(f"{sd_path_or_id!r} has no controlnet/: pass controlnet= a ControlNet folder")
+            controlnet = folder
         if mode == "acm" and reference_unet is None:
-            raise PMFInputError("mode 'acm' needs reference_unet (a UNet folder: the trained ACM)")
+            if not (folder / "reference_unet" / "config.json").is_file():
+                raise PMFInputError(f"mode 'acm' needs reference_unet (a UNet folder: the trained ACM); "
+                                    f"{sd_path_or_id!r} has no reference_unet/")
+            reference_unet = folder
         kw = dict(dtype=common.resolve_dtype(dtype), attention_backend=attention_backend)
-        parts = load_sd_parts(sd_path_or_id, revision=revision, **kw)
+        parts = load_sd_parts(folder, **kw)
         cn = load_model(controlnet, "ControlNetModel", "controlnet", **kw)
         # a PMF export (`pmf convert to-diffusers`) holds the ACM as reference_unet/ beside the base's unet/
         ref = (load_model(reference_unet, "UNet2DConditionModel", ("reference_unet", "unet"), **kw)
                if mode == "acm" else None)
         return cls(parts["unet"], cn, parts["vae"], parts["text_encoder"], parts["tokenizer"], ref, mode,
-                   parts["scheduler_config"], compilation_cache=compilation_cache)
+                   parts["scheduler_config"], compilation_cache=compilation_cache,
+                   reference_config=reference_config_of(export))
 
     # ------------------------------------------------------------------------------------------------ inputs
     def prepare_inputs(self, source_image, pose, height: Optional[int] = None, width: Optional[int] = None,
@@ -179,7 +199,8 @@ class RetargetPipeline(SamplingPipeline):
           height, width: multiples of 8; default: the first source image's resolution bucket.
           seed: one int (image n starts from noise of ``fold_in(key(seed), n)``), or one per image (image n from
             ``fold_in(key(seed[n]), 0)``, the same image as a single call with that seed).
-          reference_config: how the bank is read (default ``ReferenceConfig()``); ignored in controlnet_only.
+          reference_config: how the bank is read (default :attr:`reference_config`: ``ReferenceConfig()``, or an
+            export's settings); ignored in controlnet_only.
           latents: optional x_T [N, H/f, W/f, C] instead of the seeded noise.
           output_type: "pil" (list of N PIL images), "np" (float32 [N, H, W, 3] in [0, 1]) or "latent" (the final
             latents [N, H/f, W/f, C]).
@@ -214,7 +235,7 @@ class RetargetPipeline(SamplingPipeline):
         scalars = {"guidance": np.float32(guidance_scale),
                    "appearance": np.float32(appearance_guidance_scale or 0.0),
                    "control": np.float32(controlnet_conditioning_scale)}
-        reference = None if self.mode == "controlnet_only" else (reference_config or ReferenceConfig())
+        reference = None if self.mode == "controlnet_only" else (reference_config or self.reference_config)
         static = _Static(sched, int(num_inference_steps), rows, reference, latent_shape, output_type)
         out = self._run(static, batch, scalars, progress=progress, desc=f"retarget ({self.mode})")
         return self._format(out, output_type)
