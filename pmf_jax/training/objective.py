@@ -30,9 +30,10 @@ def pmf_loss(params: Dict[str, Any], frozen: Dict[str, Any], batch: Dict[str, ja
     c = components
     sched = c.noise_scheduler
     k_t, k_noise, k_offset, k_drop, k_ref_noise = jax.random.split(rng, 5)
-    images = jnp.concatenate([batch["target"], batch["source"]], axis=0)
-    latents = jax.lax.stop_gradient(c.encode(frozen["autoencoder"], images))
-    x0, ref_latents = jnp.split(latents.astype(jnp.float32), 2, axis=0)
+    # Two encoder calls, not one on [target; source]: a batch-axis concat of data-parallel shards would make XLA
+    # move images between devices.
+    x0, ref_latents = (jax.lax.stop_gradient(c.encode(frozen["autoencoder"], batch[k])).astype(jnp.float32)
+                       for k in ("target", "source"))
     b = x0.shape[0]
     context = jnp.broadcast_to(frozen["context"], (b, *frozen["context"].shape[1:]))
 
