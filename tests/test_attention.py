@@ -1,11 +1,13 @@
-"""The attention function: the XLA reference against numpy, fp32 softmax for bf16 inputs, backend selection."""
+"""The attention function: the XLA reference against numpy, fp32 softmax for bf16 inputs, backend selection, the
+Pallas TPU flash kernel in interpret mode on the CPU."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pmf_jax.models.attention import CUDNN_MIN_SEQ_LEN, dot_product_attention, resolve_backend
+from pmf_jax.models.attention import (CUDNN_MIN_SEQ_LEN, Attention, dot_product_attention, flash_supported,
+                                     resolve_backend)
 from parity import rel_err
 
 
@@ -71,3 +73,45 @@ def test_this_platform_backends_agree():
         ours = dot_product_attention(q, k, v, backend="cudnn")
         ref = dot_product_attention(q, k, v, backend="xla")
         assert rel_err(ours.astype(np.float32), ref.astype(np.float32)) < 1e-2
+
+
+@pytest.mark.parametrize("lq,lk,dim,kernel", [
+    (128, 128, 40, True),    # self-attention, SD's 40-dim heads
+    (64, 128, 80, True),     # an 8x8 latent reading its reference bank (keys = 2 x 64 tokens), 80-dim heads
+    (256, 512, 64, True),    # several tiles along queries and keys
+    (64, 77, 40, False),     # text cross-attention (77 keys): XLA
+    (128, 128, 160, False),  # the 1280-channel blocks' 160-dim heads: XLA
+])
+def test_flash_backend_in_pallas_interpret_mode(lq, lk, dim, kernel):
+    """The ``flash`` backend under ``force_tpu_interpret_mode`` (the TPU kernel's program run on the CPU): output and
+    gradients equal the XLA path; the Pallas kernel runs exactly where :func:`flash_supported` says."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    assert flash_supported(lq, lk, dim) == kernel
+    q, k, v = _qkv(lq, lk, heads=2, dim=dim, seed=lq + dim)
+
+    def loss(backend):
+        return lambda *a: jnp.sum(jnp.sin(dot_product_attention(*a, backend=backend)))
+
+    with pltpu.force_tpu_interpret_mode():
+        assert resolve_backend("flash", lq, dim, jnp.float32) == "flash"
+        out = dot_product_attention(q, k, v, backend="flash")
+        grads = jax.grad(loss("flash"), argnums=(0, 1, 2))(q, k, v)
+        program = str(jax.make_jaxpr(loss("flash"))(q, k, v))
+    assert ("pallas_call" in program) == kernel
+    assert rel_err(out, _numpy_attention(q, k, v)) < 1e-5  # measured ~1e-7
+    for ours, ref in zip(grads, jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)):
+        assert rel_err(ours, ref) < 1e-5
+
+
+def test_flash_attention_layer_reads_the_reference_in_interpret_mode():
+    """The attention layer with ``kv_extra`` (the reference-bank read) on the flash backend equals the XLA layer."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    rng = np.random.default_rng(3)
+    x, bank = (rng.standard_normal((2, 64, 32)).astype(np.float32) for _ in range(2))
+    layer = Attention(heads=2, dim_head=16, backend="xla")
+    params = layer.init(jax.random.key(0), x, kv_extra=bank)
+    with pltpu.force_tpu_interpret_mode():
+        ours = layer.clone(backend="flash").apply(params, x, kv_extra=bank)
+    assert rel_err(ours, layer.apply(params, x, kv_extra=bank)) < 1e-5

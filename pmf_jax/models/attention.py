@@ -4,7 +4,9 @@ Backends (`backend=`):
   * ``"xla"``   — einsum reference; logits and softmax in fp32 whatever the input dtype.
   * ``"cudnn"`` — ``jax.nn.dot_product_attention(implementation="cudnn")`` (flash attention on NVIDIA GPUs;
                   needs fp16/bf16 inputs).
-  * ``"flash"`` — Pallas flash attention for TPU (``jax.experimental.pallas.ops.tpu.flash_attention``).
+  * ``"flash"`` — Pallas flash attention for TPU (``jax.experimental.pallas.ops.tpu.flash_attention``) where it
+                  tiles the shapes (:func:`flash_supported`), XLA elsewhere; checked on the CPU in Pallas interpret
+                  mode.
   * ``"auto"``  — picks by platform, dtype and sequence length (see :func:`resolve_backend`).
 """
 
@@ -37,8 +39,9 @@ def resolve_backend(backend: str, q_len: int, head_dim: int, dtype, platform: Op
     platform = platform or jax.default_backend()
     if backend == "cudnn" and platform != "gpu":
         raise ValueError(f"attention backend 'cudnn' needs an NVIDIA GPU (this is {platform}); use 'xla' or 'auto'")
-    if backend == "flash" and platform != "tpu":
-        raise ValueError(f"attention backend 'flash' runs on TPU only (this is {platform}); use 'xla' or 'auto'")
+    if backend == "flash" and platform != "tpu" and not tpu_interpret_mode():
+        raise ValueError(f"attention backend 'flash' runs on TPU only (this is {platform}; or inside "
+                         f"jax.experimental.pallas.tpu.force_tpu_interpret_mode()); use 'xla' or 'auto'")
     if backend != "auto":
         return backend
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -60,11 +63,40 @@ def _xla_attention(q, k, v, scale: float, upcast: bool, mask=None):
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
-def _flash_tpu_attention(q, k, v, scale: float):
-    from jax.experimental.pallas.ops.tpu.flash_attention import flash_attention
+def tpu_interpret_mode() -> bool:
+    """True inside ``jax.experimental.pallas.tpu.force_tpu_interpret_mode()``: Pallas TPU kernels run on the CPU
+    (how the tests check the ``flash`` backend without a TPU)."""
+    try:
+        from jax._src import config as jax_config
 
+        return jax_config.pallas_tpu_interpret_mode_context_manager.value is not None
+    except AttributeError:  # a JAX without TPU interpret mode
+        return False
+
+
+def flash_supported(q_len: int, k_len: int, head_dim: int) -> bool:
+    """Shapes the Pallas TPU kernel tiles: keys in multiples of 128 and head dims up to 128 (or multiples of it).
+    In SD1.5 that is self-attention (and the reference concat) at 16×16 latents and up with 40/80-dim heads; the
+    77-token text cross-attention and the 160-dim heads of the 1280-channel blocks run on XLA instead."""
+    return k_len % 128 == 0 and (head_dim <= 128 or head_dim % 128 == 0) and q_len % flash_block(q_len) == 0
+
+
+def flash_block(length: int) -> int:
+    """The kernel's tile along a sequence of ``length``: the largest of 512/256/128 that divides it, else the whole
+    sequence (a block equal to the full dimension satisfies Mosaic's tiling rule; e.g. a 64-token query)."""
+    return next((b for b in (512, 256, 128) if length % b == 0), length)
+
+
+def _flash_tpu_attention(q, k, v, scale: float):
+    from jax.experimental.pallas.ops.tpu.flash_attention import BlockSizes, flash_attention
+
+    bq, bk = flash_block(q.shape[1]), flash_block(k.shape[1])
+    blocks = BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1, block_q_major_dkv=bq,
+                        block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq, block_k_major_dq=bk, block_k_dq=bk,
+                        block_q_dq=bq)
     # The Pallas kernel takes [B, H, L, D].
-    out = flash_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), sm_scale=scale)
+    out = flash_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), sm_scale=scale,
+                          block_sizes=blocks)
     return out.transpose(0, 2, 1, 3)
 
 
@@ -78,7 +110,8 @@ def dot_product_attention(q, k, v, *, scale: Optional[float] = None, backend: st
       backend: one of :data:`BACKENDS`.
       upcast: compute q kᵀ from fp32 copies of q and k (diffusers ``upcast_attention``; the softmax is fp32 always).
       mask: optional boolean, broadcastable to [B, H, Lq, Lk]; True = attend (causal/padding masks of the text
-        encoder). The ``flash`` backend takes no mask.
+        encoder). The ``flash`` backend takes no mask, and runs the Pallas kernel only where
+        :func:`flash_supported` (XLA elsewhere).
     Returns:
       [B, Lq, H, D] in v's dtype.
     """
@@ -91,6 +124,8 @@ def dot_product_attention(q, k, v, *, scale: Optional[float] = None, backend: st
         return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask, implementation="cudnn")
     if mask is not None:
         raise ValueError("attention backend 'flash' takes no mask; use 'xla' or 'auto' for masked attention")
+    if not flash_supported(q.shape[1], k.shape[1], head_dim):
+        return _xla_attention(q, k, v, scale, upcast, mask)
     return _flash_tpu_attention(q, k, v, scale)
 
 
