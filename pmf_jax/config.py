@@ -147,6 +147,9 @@ class TrainConfig(_Section):
     text_drop_prob: float = _field(0.05, check=_PROB, doc="P(empty prompt), for classifier-free guidance")
     reference_drop_prob: float = _field(0.05, check=_PROB, doc="P(no reference), for appearance guidance")
     remat: bool = _field(False, doc="rematerialise transformer blocks in the backward pass")
+    compilation_cache: bool = _field(True, doc="JAX persistent compilation cache ($PMF_JAX_CACHE_DIR or "
+                                               "~/.cache/pmf_jax/jax_cache; JAX_COMPILATION_CACHE_DIR wins): a "
+                                               "restarted or resumed run loads its compiled programs")
     seed: int = _field(0)
     log_every: int = _field(50, check=_POSITIVE)
     eval_every: int = _field(1000, check=_POSITIVE)

@@ -19,7 +19,8 @@ run() {
 start=$(date +%s)
 run tests --ignore=tests/multidevice -q -ra --durations=25 -n 2 --dist loadfile "$@"
 if [ -d tests/multidevice ]; then
-  XLA_FLAGS="--xla_force_host_platform_device_count=8" run tests/multidevice -q -ra --durations=10 "$@"
+  XLA_FLAGS="--xla_force_host_platform_device_count=8" run tests/multidevice -q -ra --durations=10 -n 2 \
+    --dist loadfile "$@"
 fi
 echo "run_all: suite took $(( $(date +%s) - start )) s, status $status"
 exit $status

@@ -23,11 +23,17 @@ CONFIG = str(ROOT / "configs" / "tiny_synthetic.yaml")
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    return train_fixtures.prepare(tmp_path_factory.mktemp("train"))
+    with pytest.MonkeyPatch.context() as patch:  # inherited by the subprocesses
+        patch.setenv("PMF_JAX_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        patch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        yield train_fixtures.prepare(tmp_path_factory.mktemp("train"))
 
 
 def _cli(run_dir, env, *extra):
-    return [sys.executable, "-m", "train", "--config", CONFIG, *train_fixtures.overrides(env, run_dir, *extra)]
+    """The trainer as a subprocess; the runs of this module share a persistent compilation cache (PMF_JAX_CACHE_DIR,
+    set by the env fixture), as restarted runs do: the first run compiles, the others load the programs."""
+    return [sys.executable, "-m", "train", "--config", CONFIG,
+            *train_fixtures.overrides(env, run_dir, *extra, "train.compilation_cache=true")]
 
 
 def test_loss_decreases(env, tmp_path):
@@ -90,7 +96,7 @@ def test_sigterm_saves_and_exits_zero(env, tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     steps = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
-    assert len(steps) == 1 and 3 <= steps[0] < 100000
+    assert len(steps) == 1 and 3 <= steps[0] < 100000, (out[-2000:], err[-3000:])
     assert f"SIGTERM: saved step {steps[0]}" in out
 
 

@@ -27,4 +27,4 @@ def prepare(root: Path) -> dict:
 def overrides(env: dict, run_dir: Path, *extra: str) -> list:
     return [f"data.data_dir={env['data_dir']}", "data.builder_config=tiny", f"model.unet_config={env['unet']}",
             "data.batch_size=4", f"train.output_dir={run_dir}", "train.warmup_steps=0", "train.log_every=1",
-            *extra]
+            "train.compilation_cache=false", *extra]  # in-process runs leave the test process's JAX config alone

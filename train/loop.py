@@ -68,6 +68,10 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
     """
     maybe_initialize_distributed()
     tc = cfg.train
+    if tc.compilation_cache:
+        from pmf_jax.pipelines.common import enable_compilation_cache
+
+        enable_compilation_cache()  # before anything compiles
     run_dir = Path(tc.output_dir)
 
     # ---- Mesh ----------------------------------------------------------------------------------------------------
@@ -148,7 +152,8 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
             step += 1
             speed.add(cfg.data.batch_size)
             bar.update(1)
-            must_save = step % tc.checkpoint_every == 0 or step == end or bool(preempted)
+            stop = bool(preempted)  # read once: a SIGTERM arriving later in this iteration is handled at the next
+            must_save = step % tc.checkpoint_every == 0 or step == end or stop
             if step % tc.log_every == 0 or must_save:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not all(math.isfinite(v) for v in last.values()):
@@ -164,7 +169,7 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
                 checkpointing.save(manager, step, state, iterator.get_state())
             if previews is not None and step % tc.eval_every == 0:
                 previews(step, state.params, frozen_params)
-            if preempted:
+            if stop:
                 log(f"SIGTERM: saved step {step}, exiting")
                 break
             if step < end:
