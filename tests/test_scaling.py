@@ -245,3 +245,36 @@ def test_restart_command_line_and_environment():
     assert sum(f.startswith("--xla_force_host_platform_device_count") for f in flags) == 1
     assert set(command.FAST_COMPILE_FLAGS) <= set(flags)
     assert env["JAX_PLATFORMS"] == "cpu" and env[command.CHILD_ENV] == "1"
+
+
+def test_cli_restarts_itself_with_virtual_devices_and_writes_the_report(tmp_path):
+    """A real ``pmf scaling`` subprocess on one CPU device plans a 4-device run: it starts itself again with 4
+    virtual devices, compiles the tiny model's train step for (2, 2, 1) and a sweep point, and writes the Markdown,
+    JSON and PNG report with numbers in them."""
+    import os
+    import subprocess
+    import sys
+
+    unet = tmp_path / "unet.json"
+    unet.write_text(json.dumps({
+        "_class_name": "UNet2DConditionModel", "in_channels": 48, "out_channels": 48, "block_out_channels": [32],
+        "down_block_types": ["CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D"],
+        "layers_per_block": 1, "attention_head_dim": 4, "cross_attention_dim": 32, "norm_num_groups": 8}))
+    out = tmp_path / "plan"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", command.CHILD_ENV)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pmf_jax.cli", "scaling", "--config", str(REPO / "configs" / "tiny_synthetic.yaml"),
+         "--devices", "4", "--mesh", "data=2,fsdp=2", "--chip", "h100", "--batch-per-device", "1", "--sweep", "2,4",
+         "--no-sampling", "--out", str(out), f"model.unet_config={unet}", "data.resolution=[32,32]",
+         "mesh.min_shard_size=64"], capture_output=True, text=True, env=dict(env, JAX_PLATFORMS="cpu"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "restarting with 4 virtual CPU devices" in proc.stderr
+    plan = json.loads((out / "scaling.json").read_text())
+    assert plan["devices"] == 4 and plan["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert plan["platform"] == "cpu (4 devices)" and plan["chip"]["name"] == "h100"
+    train = plan["train_step"]
+    assert train["global_batch"] == 4 and train["cost"]["flops"] > 0 and train["prediction"]["step_s"] > 0
+    assert train["collectives"]["all-gather"]["count"] > 0  # fsdp=2 gathers the parameters
+    assert [p["devices"] for p in plan["sweep"]] == [2, 4] and plan["sweep"][0]["efficiency"] == 1.0
+    assert "images/s" in proc.stdout and (out / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Weak scaling" in (out / "scaling.md").read_text() and not (out / "scaling.partial.json").exists()
