@@ -9,13 +9,14 @@ from typing import Dict, List
 def plot_sweep(sweep: List[Dict], path: Path, title: str = "") -> Path:
     """``sweep``: points with ``devices``, ``images_per_s``, ``efficiency`` (see
     :func:`pmf_jax.scaling.roofline.weak_scaling`). Writes ``path`` (PNG) and returns it."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    # A Figure of its own with the Agg canvas: no pyplot, so a caller's matplotlib backend and figures are untouched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     devices = [p["devices"] for p in sweep]
-    fig, left = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    left = fig.add_subplot()
     left.plot(devices, [p["images_per_s"] for p in sweep], "o-", color="tab:blue", label="images/s (predicted)")
     ideal = [sweep[0]["images_per_s"] * d / devices[0] for d in devices]
     left.plot(devices, ideal, ":", color="tab:blue", alpha=0.5, label="linear scaling")
@@ -38,5 +39,4 @@ def plot_sweep(sweep: List[Dict], path: Path, title: str = "") -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, format="png")
-    plt.close(fig)
     return path
