@@ -126,7 +126,8 @@ def retarget_pipeline(run: AbstractRun):
         unet=(comps.unet, params["unet"]), controlnet=(comps.controlnet, params["controlnet"]), vae=vae,
         reference_unet=(comps.reference_unet, params["reference_unet"]) if acm else None,
         mode="acm" if acm else "reference_only",
-        scheduler_config=sampling_scheduler_config(comps, run.cfg.train.prediction_type))
+        scheduler_config=sampling_scheduler_config(comps, run.cfg.train.prediction_type),
+        compilation_cache=False)  # planning leaves JAX's persistent cache setting as it is
 
 
 def compile_sampling_step(run: AbstractRun, mesh, batch_per_device: int) -> Dict[str, CompiledProgram]:
