@@ -34,14 +34,17 @@ def _train(env, run_dir, mesh, n_devices, steps, max_steps=None):
     data, fsdp, tensor = mesh
     cfg = load_config(CONFIG, train_fixtures.overrides(
         env, run_dir, f"train.steps={steps}", "train.checkpoint_every=1", "data.batch_size=8", "train.lr=1e-3",
-        f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}", "mesh.min_shard_size=256"))
+        f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}", "mesh.min_shard_size=256",
+        "train.compilation_cache=true"))  # the runs here repeat meshes: later ones load the compiled programs
     train_and_evaluate(cfg, max_steps=max_steps, devices=jax.devices()[:n_devices])
     return restore_trained_params(run_dir)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    return train_fixtures.prepare(tmp_path_factory.mktemp("train8"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PMF_JAX_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        yield train_fixtures.prepare(tmp_path_factory.mktemp("train8"))
 
 
 @pytest.fixture(scope="module")
