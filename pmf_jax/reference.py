@@ -7,8 +7,8 @@ It is a plain pytree: it goes through ``jit``, ``grad`` and sharding like any ac
 batch axis of the latents it was written from).
 
 Writing: ``bank = unet.apply(v, ref_latents, t, ctx, method=unet.write_reference)``.
-Reading: ``unet.apply(v, x, t, ctx, reference=bank, reference_config=cfg)`` (ControlNet likewise). Block i then
-attends with K, V = its own to_k/to_v of ``concat([norm1(x), bank[i]], axis=1)``.
+Reading: ``unet.apply(v, x, t, ctx, reference=ReferenceRead.build(bank, cfg, batch))`` (ControlNet likewise). Block i
+then attends with K, V = its own to_k/to_v of ``concat([norm1(x), bank[i]], axis=1)``.
 
 ``ref_mix`` ([B] in [0, 1]) blends each sample between reading (0) and plain self-attention (1): it expresses the
 unconditional half of reference-only guidance (``style_fidelity``), the no-reference branch of appearance guidance
@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Iterable, Optional, Sequence, Tuple
 
+import flax.struct
+import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from pmf_jax.constants import FUSION_BLOCKS, REFERENCE_TIMESTEPS
 from pmf_jax.errors import PMFInputError
 
-FUSION_BLOCKS = ("full", "midup")
-REFERENCE_TIMESTEPS = ("same", "zero")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,20 +96,45 @@ def select_bank(bank: dict, config: ReferenceConfig) -> dict:
     return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p in keep})
 
 
-def prepare_read(bank: dict, config: Optional[ReferenceConfig], batch: int, ref_mix=None, uncond_mask=None):
-    """Returns ``(bank, ref_mix)`` for a reader: the selected entries, and the per-sample blend [B] or None.
+@flax.struct.dataclass
+class ReferenceRead:
+    """What a reader (the denoising UNet, a ControlNet) gets of the bank: one frozen pytree passed through every
+    block as one argument.
 
-    ``uncond_mask`` [B] (bool/0-1) flags the unconditional rows that ``style_fidelity`` applies to.
+    bank: the selected entries, nested like the UNet's modules; at a transformer block the array [B', HW, C]. B' may
+      be smaller than the reader's batch B (one source read by many frames, one sample's bank read by its guidance
+      rows): it must divide B, and rows are matched sample-major (:func:`pmf_jax.rows.expand_rows`).
+    ref_mix: [B] in [0, 1] or None: 0 reads the bank, 1 attends plainly (see the module docstring).
     """
-    if config is None:
-        return bank, ref_mix
-    bank = select_bank(bank, config)
-    if uncond_mask is not None and config.style_fidelity > 0:
-        style = config.style_fidelity * jnp.asarray(uncond_mask, jnp.float32)
-        ref_mix = style if ref_mix is None else 1 - (1 - jnp.asarray(ref_mix, jnp.float32)) * (1 - style)
-    if ref_mix is not None and jnp.shape(ref_mix) != (batch,):
-        raise ValueError(f"ref_mix must have shape ({batch},), got {jnp.shape(ref_mix)}")
-    return bank, ref_mix
+
+    bank: Any
+    ref_mix: Optional[jax.Array] = None
+
+    @classmethod
+    def build(cls, bank: dict, config: Optional[ReferenceConfig] = None, batch: Optional[int] = None, ref_mix=None,
+              uncond_mask=None) -> "ReferenceRead":
+        """The read of ``bank`` under ``config`` for a batch of ``batch`` rows.
+
+        config: selects the reading blocks (:func:`select_bank`) and blends ``style_fidelity`` into ``ref_mix`` for
+          the rows that ``uncond_mask`` [B] (bool/0-1) flags unconditional; None: every entry is read, as is.
+        ref_mix: [B] per-row blend (reference dropout, the no-reference guidance rows), or None.
+        """
+        if config is not None:
+            bank = select_bank(bank, config)
+            if uncond_mask is not None and config.style_fidelity > 0:
+                style = config.style_fidelity * jnp.asarray(uncond_mask, jnp.float32)
+                ref_mix = style if ref_mix is None else 1 - (1 - jnp.asarray(ref_mix, jnp.float32)) * (1 - style)
+        if ref_mix is not None and batch is not None and jnp.shape(ref_mix) != (batch,):
+            raise ValueError(f"ref_mix must have shape ({batch},), got {jnp.shape(ref_mix)}")
+        return cls(bank, ref_mix)
+
+
+def child_read(reference: Optional[ReferenceRead], name: str) -> Optional[ReferenceRead]:
+    """The part of a read that module ``name`` (a child of the current reader module) sees, or None: that module
+    and everything in it attends plainly."""
+    if reference is None or name not in reference.bank:
+        return None
+    return ReferenceRead(reference.bank[name], reference.ref_mix)
 
 
 def write_inputs(config: ReferenceConfig, ref_latents, timesteps, noise=None, add_noise=None):
@@ -130,8 +156,3 @@ def write_inputs(config: ReferenceConfig, ref_latents, timesteps, noise=None, ad
 def bank_paths(bank: dict) -> Sequence[Path]:
     """The bank's block paths in diffusers module order (for display and tests)."""
     return sorted(traverse_util.flatten_dict(bank), key=_module_order)
-
-
-def tile_bank(bank: dict, factor: int) -> Dict:
-    """Repeats the bank's batch ``factor`` times (a guidance batch [uncond; cond] of the same references)."""
-    return {k: tile_bank(v, factor) if isinstance(v, dict) else jnp.tile(v, (factor, 1, 1)) for k, v in bank.items()}

@@ -9,7 +9,7 @@ from diffusers import ControlNetModel as TorchControlNet
 from diffusers import UNet2DConditionModel as TorchUNet
 
 from pmf_jax.io import from_pretrained
-from pmf_jax.reference import ReferenceConfig, bank_paths, reading_blocks, select_bank, write_inputs
+from pmf_jax.reference import ReferenceConfig, ReferenceRead, bank_paths, reading_blocks, select_bank, write_inputs
 from pmf_jax.torch_compat.reference_attention import ReferenceState, install_reference_attention
 from parity import randomize_, rel_err, to_nchw, to_nhwc
 
@@ -69,11 +69,11 @@ def _jax_forward(jax_models, inp, config, uncond_mask=None, controlnet_reads=Fal
     bank = ref_unet.apply({"params": p_ref}, inp["ref"], inp["t"][:1], inp["ctx"][:1], method=ref_unet.write_reference)
     kwargs = {}
     if use_controlnet:
-        read = dict(reference=bank, reference_config=config, uncond_mask=uncond_mask) if controlnet_reads else {}
-        down, mid = cn.apply({"params": p_cn}, inp["x"], inp["t"], inp["ctx"], inp["cond"], **read)
+        read = ReferenceRead.build(bank, config, len(inp["x"]), uncond_mask=uncond_mask) if controlnet_reads else None
+        down, mid = cn.apply({"params": p_cn}, inp["x"], inp["t"], inp["ctx"], inp["cond"], reference=read)
         kwargs = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
-    return unet.apply({"params": p_unet}, inp["x"], inp["t"], inp["ctx"], reference=bank, reference_config=config,
-                      uncond_mask=uncond_mask, **kwargs)
+    return unet.apply({"params": p_unet}, inp["x"], inp["t"], inp["ctx"],
+                      reference=ReferenceRead.build(bank, config, len(inp["x"]), uncond_mask=uncond_mask), **kwargs)
 
 
 CASES = {
@@ -106,16 +106,16 @@ def test_self_reference_changes_output_and_none_is_plain(models):
     none_fn = jax.jit(lambda p, x: unet.apply({"params": p}, x, inp["t"], inp["ctx"], reference=None))
     np.testing.assert_array_equal(np.asarray(plain_fn(params, inp["x"])), np.asarray(none_fn(params, inp["x"])))
     bank = unet.apply({"params": params}, inp["x"], inp["t"], inp["ctx"], method=unet.write_reference)
-    read = unet.apply({"params": params}, inp["x"], inp["t"], inp["ctx"], reference=bank)
+    read = unet.apply({"params": params}, inp["x"], inp["t"], inp["ctx"], reference=ReferenceRead(bank))
     # Reading a bank of the very same x duplicates every key and value: softmax over [h; h] equals softmax over h,
     # so the output equals the plain one up to rounding (a check that K/V really are the concatenation) ...
     assert 0 < float(jnp.abs(read - plain_fn(params, inp["x"])).max()) < 1e-5
     # ... while a bank of another latent (the source image) changes it.
     other = unet.apply({"params": params}, inp["ref"], inp["t"], inp["ctx"], method=unet.write_reference)
-    read_other = unet.apply({"params": params}, inp["x"], inp["t"], inp["ctx"], reference=other)
+    read_other = unet.apply({"params": params}, inp["x"], inp["t"], inp["ctx"], reference=ReferenceRead(other))
     assert rel_err(read_other, plain_fn(params, inp["x"])) > 1e-3
     # ref_mix = 1 is the no-reference branch of appearance guidance: exactly plain attention
-    mixed = unet.apply({"params": params}, inp["x"], inp["t"], inp["ctx"], reference=bank, ref_mix=jnp.ones(1))
+    mixed = unet.apply({"params": params}, inp["x"], inp["t"], inp["ctx"], reference=ReferenceRead(bank, jnp.ones(1)))
     assert rel_err(mixed, plain_fn(params, inp["x"])) < 1e-6
 
 
@@ -165,7 +165,7 @@ def test_gradients_reach_the_reference_unet(models):
 
     def loss(p_ref):
         bank = ref_unet.apply({"params": p_ref}, inp["ref"], inp["t"][:1], inp["ctx"][:1], method=ref_unet.write_reference)
-        out = unet.apply({"params": p_unet}, inp["x"], inp["t"], inp["ctx"], reference=bank)
+        out = unet.apply({"params": p_unet}, inp["x"], inp["t"], inp["ctx"], reference=ReferenceRead(bank))
         return jnp.mean((out - target) ** 2)
 
     grads = jax.jit(jax.grad(loss))(p_ref)

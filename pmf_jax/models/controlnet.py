@@ -6,7 +6,7 @@ that turn every skip connection and the middle output into residuals for the UNe
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -14,7 +14,10 @@ import jax.numpy as jnp
 
 from pmf_jax.errors import PMFInputError
 from pmf_jax.models.blocks import conv1x1, conv3x3
+from pmf_jax.models.configurable import PretrainedMixin
 from pmf_jax.models.unet import UNET_DEFAULT_ONLY, UNet2DConditionModel
+from pmf_jax.models.unet_encoder import EncoderFields, UNetEncoder, context_dim
+from pmf_jax.reference import ReferenceRead
 
 
 class ControlNetConditioningEmbedding(nn.Module):
@@ -33,12 +36,13 @@ class ControlNetConditioningEmbedding(nn.Module):
         return conv3x3(self.out_channels, self.dtype, "conv_out", kernel_init=nn.initializers.zeros)(h)
 
 
-class ControlNetModel(UNet2DConditionModel):
+class ControlNetModel(EncoderFields, PretrainedMixin):
     """Call: ``apply({"params": p}, sample [B,h,w,Cin], timesteps, encoder_hidden_states [B,T,D],
-    controlnet_cond [B,8h,8w,3] in [0,1], conditioning_scale=1.0)`` → ``(down_residuals, mid_residual)``: one
-    [B, ., ., C] residual per UNet skip connection (conv_in, every down-block layer and downsampler) and one for the
-    middle block, already multiplied by ``conditioning_scale``. ``reference=`` reads a reference bank exactly as
-    the UNet does (the ControlNet's blocks carry the UNet encoder's names).
+    controlnet_cond [B,8h,8w,3] in [0,1], conditioning_scale=1.0, guess_mode=False, reference=None)`` →
+    ``(down_residuals, mid_residual)``: one [B, ., ., C] residual per UNet skip connection (conv_in, every down-block
+    layer and downsampler) and one for the middle block, already multiplied by ``conditioning_scale``.
+    ``reference`` (a :class:`~pmf_jax.reference.ReferenceRead`) reads a reference bank exactly as the UNet does: the
+    ControlNet's encoder is the UNet's (:class:`~pmf_jax.models.unet_encoder.UNetEncoder`), with the same names.
     """
 
     CONFIG_KEYS = ("in_channels", "conditioning_channels", "flip_sin_to_cos", "freq_shift", "down_block_types",
@@ -53,42 +57,35 @@ class ControlNetModel(UNet2DConditionModel):
         "act_fn", "mid_block_type")}
     IGNORED_KEYS = ("addition_embed_type_num_heads",)
 
+    # the encoder's fields come from EncoderFields; the ControlNet's own:
     conditioning_channels: int = 3
     controlnet_conditioning_channel_order: str = "rgb"
     conditioning_embedding_out_channels: Tuple[int, ...] = (16, 32, 96, 256)
     global_pool_conditions: bool = False
 
-    def _check(self):
-        self._check_encoder()
-        if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
-            raise PMFInputError(f"controlnet_conditioning_channel_order={self.controlnet_conditioning_channel_order!r}"
-                                f" must be 'rgb' or 'bgr'")
-
     def dummy_inputs(self):
-        sample, t, ctx = super().dummy_inputs()
+        size = 2 ** (len(self.down_block_types) - 1)
         f = 2 ** (len(self.conditioning_embedding_out_channels) - 1)  # 8 for the default (16, 32, 96, 256)
-        cond = jnp.zeros((1, sample.shape[1] * f, sample.shape[2] * f, self.conditioning_channels), self.dtype)
-        return sample, t, ctx, cond
+        return (jnp.zeros((1, size, size, self.in_channels), self.dtype), jnp.zeros((1,), jnp.int32),
+                jnp.zeros((1, 1, context_dim(self)), self.dtype),
+                jnp.zeros((1, size * f, size * f, self.conditioning_channels), self.dtype))
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,
-                 guess_mode: bool = False, reference=None, reference_config=None, ref_mix=None, uncond_mask=None):
-        self._check()
-        if reference is not None and reference_config is not None:
-            from pmf_jax.reference import prepare_read
-
-            reference, ref_mix = prepare_read(reference, reference_config, sample.shape[0], ref_mix, uncond_mask)
-        batch = sample.shape[0]
+                 guess_mode: bool = False, reference: Optional[ReferenceRead] = None):
+        if reference is not None and not isinstance(reference, ReferenceRead):
+            raise TypeError(f"reference must be a pmf_jax.reference.ReferenceRead, got {type(reference).__name__}")
+        if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
+            raise PMFInputError(f"controlnet_conditioning_channel_order={self.controlnet_conditioning_channel_order!r}"
+                                f" must be 'rgb' or 'bgr'")
+        encoder = UNetEncoder.shared_by(self)
         context = encoder_hidden_states.astype(self.dtype)
         cond = controlnet_cond.astype(self.dtype)
         if self.controlnet_conditioning_channel_order == "bgr":
             cond = cond[..., ::-1]
-        temb = self.embed_time(timesteps, batch)
-        h = conv3x3(self.block_out_channels[0], self.dtype, "conv_in")(sample.astype(self.dtype))
-        h = h + ControlNetConditioningEmbedding(self.block_out_channels[0], self.conditioning_embedding_out_channels,
-                                                self.dtype, name="controlnet_cond_embedding")(cond)
-        h, skips, _ = self.encode_down(h, temb, context, reference, ref_mix, False)
-        h, _ = self.middle(h, temb, context, reference, ref_mix, False)
+        cond = ControlNetConditioningEmbedding(self.block_out_channels[0], self.conditioning_embedding_out_channels,
+                                               self.dtype, name="controlnet_cond_embedding")(cond)
+        h, skips, _, _ = encoder(sample.astype(self.dtype), timesteps, context, reference, False, cond)
         down = [conv1x1(s.shape[-1], self.dtype, f"controlnet_down_blocks_{i}", zero_init=True)(s)
                 for i, s in enumerate(skips)]
         mid = conv1x1(h.shape[-1], self.dtype, "controlnet_mid_block", zero_init=True)(h)

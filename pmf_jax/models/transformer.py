@@ -1,10 +1,11 @@
 """Spatial transformer (diffusers ``Transformer2DModel`` + ``BasicTransformerBlock``) with the reference hooks.
 
-Reference attention (DESIGN.md, "Appearance Control Module"): a block run with ``write=True`` also returns the
-hidden states that enter its self-attention (after ``norm1``), [B, HW, C]. A block given ``reference`` ([B', HW', C],
-B' dividing B: a guidance batch tiles the bank) computes self-attention with K, V projected by its own to_k/to_v from
-``concat([norm1(x), reference], axis=1)``. ``ref_mix`` ([B] in [0, 1]) blends per sample:
-``out = ref_mix·plain + (1 − ref_mix)·read`` (reference-only's style_fidelity on the unconditional half).
+Reference attention (docs/architecture.md, "The reference bank"): a block run with ``write=True`` also returns the
+hidden states that enter its self-attention (after ``norm1``), [B, HW, C]. A block given a
+:class:`~pmf_jax.reference.ReferenceRead` (bank [B', HW', C], B' dividing B, rows matched sample-major) computes
+self-attention with K, V projected by its own to_k/to_v from ``concat([norm1(x), bank], axis=1)``. Its ``ref_mix``
+([B] in [0, 1]) blends per row: ``out = ref_mix·plain + (1 − ref_mix)·read`` (reference-only's style_fidelity on the
+unconditional rows, reference dropout).
 """
 
 from __future__ import annotations
@@ -18,18 +19,11 @@ import jax.numpy as jnp
 from pmf_jax.models.attention import Attention
 from pmf_jax.models.blocks import conv1x1, group_norm
 from pmf_jax.parallel.rules import with_logical_constraint
+from pmf_jax.reference import ReferenceRead, child_read
+from pmf_jax.rows import expand_rows
 
 # The bank keeps the batch split of the latents it came from, so the K/V concat is local to each device.
 _BANK_AXES = ("batch", None, None)
-
-
-def tile_to_batch(bank, batch: int):
-    """[B', L, C] -> [batch, L, C], repeating the whole bank batch (guidance batches stack [uncond; cond])."""
-    if bank.shape[0] == batch:
-        return bank
-    if batch % bank.shape[0]:
-        raise ValueError(f"reference batch {bank.shape[0]} does not divide the query batch {batch}")
-    return jnp.tile(bank, (batch // bank.shape[0], 1, 1))
 
 
 class FeedForward(nn.Module):
@@ -67,7 +61,7 @@ class BasicTransformerBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, reference=None, ref_mix=None, write: bool = False):
+    def __call__(self, x, context, reference: Optional[ReferenceRead] = None, write: bool = False):
         attn = lambda name: Attention(self.heads, self.dim_head, upcast=self.upcast_attention,  # noqa: E731
                                       backend=self.attention_backend, dtype=self.dtype, name=name)
         h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm1")(x)
@@ -78,9 +72,9 @@ class BasicTransformerBlock(nn.Module):
         elif reference is None:
             a = attn1(h)
         else:
-            a = attn1(h, kv_extra=with_logical_constraint(tile_to_batch(reference, h.shape[0]), _BANK_AXES))
-            if ref_mix is not None:
-                w = ref_mix.astype(a.dtype)[:, None, None]
+            a = attn1(h, kv_extra=with_logical_constraint(expand_rows(reference.bank, h.shape[0]), _BANK_AXES))
+            if reference.ref_mix is not None:
+                w = reference.ref_mix.astype(a.dtype)[:, None, None]
                 a = w * attn1(h) + (1 - w) * a
         x = x + a
         h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm2")(x)
@@ -93,7 +87,8 @@ class BasicTransformerBlock(nn.Module):
 class Transformer2DModel(nn.Module):
     """GroupNorm -> proj_in -> transformer blocks -> proj_out, plus the residual. x: [B, H, W, C] -> same.
 
-    ``reference``: {"transformer_blocks_k": [B', HW, C]} (missing keys: that block does not read).
+    ``reference``: a :class:`~pmf_jax.reference.ReferenceRead` of {"transformer_blocks_k": [B', HW, C]} (missing keys:
+    that block does not read).
     Returns (x, written) with written = {"transformer_blocks_k": [B, HW, C]} when ``write`` else {}.
     """
 
@@ -108,7 +103,7 @@ class Transformer2DModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, reference: Optional[dict] = None, ref_mix=None, write: bool = False):
+    def __call__(self, x, context, reference: Optional[ReferenceRead] = None, write: bool = False):
         b, hgt, wid, channels = x.shape
         inner = self.heads * self.dim_head
         residual = x
@@ -120,10 +115,9 @@ class Transformer2DModel(nn.Module):
         written = {}
         for k in range(self.num_layers):
             name = f"transformer_blocks_{k}"
-            ref_k = None if reference is None else reference.get(name)
             x, w = BasicTransformerBlock(inner, self.heads, self.dim_head, self.only_cross_attention,
                                          self.upcast_attention, self.attention_backend, self.dtype,
-                                         name=name)(x, context, ref_k, ref_mix, write)
+                                         name=name)(x, context, child_read(reference, name), write)
             if write:
                 written[name] = w
         if self.use_linear_projection:

@@ -1,20 +1,24 @@
 """UNet down / mid / up blocks (diffusers CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn,
 CrossAttnUpBlock2D, UpBlock2D). A block is "cross-attention" when it is given ``AttentionSettings``.
 
-Every block takes the reference plumbing of :mod:`pmf_jax.models.transformer` and returns what its transformers
-wrote as a dict keyed by child name (``{"attentions_j": {"transformer_blocks_k": [B, HW, C]}}``).
+Every block takes an optional :class:`~pmf_jax.reference.ReferenceRead` and a static ``write`` flag (the reference
+UNet's write path, :meth:`UNet2DConditionModel.write_reference`), and returns what its transformers wrote as a dict
+keyed by child name (``{"attentions_j": {"transformer_blocks_k": [B, HW, C]}}``; empty unless ``write``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from pmf_jax.errors import PMFInputError
 from pmf_jax.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D
 from pmf_jax.models.transformer import Transformer2DModel
+from pmf_jax.reference import ReferenceRead, child_read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,22 +33,51 @@ class AttentionSettings:
     backend: str = "auto"
 
 
-def _child(reference, name):
-    return None if reference is None else reference.get(name)
+def per_block(value, n: int, name: str) -> tuple:
+    """Broadcasts an int/bool config value to one per block; checks list lengths."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != n:
+            raise PMFInputError(f"config {name}={list(value)} needs {n} entries, one per down block")
+        return tuple(value)
+    return (value,) * n
+
+
+def remat_module(cls, static: Sequence[str] = ()):
+    """``nn.remat(cls)`` with the ``__call__`` arguments named in ``static`` marked static (looked up by name, so a
+    signature change cannot silently make the wrong argument static). Static arguments must be passed
+    positionally."""
+    names = list(inspect.signature(cls.__call__).parameters)  # includes self, as remat's static_argnums count it
+    missing = [s for s in static if s not in names]
+    if missing:
+        raise TypeError(f"{cls.__name__}.__call__ has no argument {missing}")
+    return nn.remat(cls, static_argnums=tuple(names.index(s) for s in static))
 
 
 def _resnet(remat: bool):
     # Rematerialised in the backward pass when training with gradient checkpointing (memory for compute).
-    return nn.remat(ResnetBlock2D) if remat else ResnetBlock2D
+    return remat_module(ResnetBlock2D) if remat else ResnetBlock2D
 
 
 def _transformer(attn: AttentionSettings, channels: int, groups: int, dtype, name: str,
                  remat: bool = False) -> Transformer2DModel:
-    cls = nn.remat(Transformer2DModel, static_argnums=(5,)) if remat else Transformer2DModel  # write is static
-    return cls(heads=attn.heads, dim_head=channels // attn.heads, num_layers=attn.num_layers,
-                              groups=groups, use_linear_projection=attn.use_linear_projection,
-                              only_cross_attention=attn.only_cross_attention, upcast_attention=attn.upcast_attention,
-                              attention_backend=attn.backend, dtype=dtype, name=name)
+    cls = remat_module(Transformer2DModel, static=("write",)) if remat else Transformer2DModel
+    return cls(heads=attn.heads, dim_head=channels // attn.heads, num_layers=attn.num_layers, groups=groups,
+               use_linear_projection=attn.use_linear_projection, only_cross_attention=attn.only_cross_attention,
+               upcast_attention=attn.upcast_attention, attention_backend=attn.backend, dtype=dtype, name=name)
+
+
+def _resnet_and_attention(block, i: int, h, temb, context, reference, write: bool, written: dict):
+    """Layer i of a down or up block: ``resnets_i`` then, in a cross-attention block, ``attentions_i`` (whose bank
+    entries go into ``written``). Creates the layers in ``block``'s scope."""
+    h = _resnet(block.remat)(block.out_channels, block.groups, eps=block.eps, dtype=block.dtype,
+                             name=f"resnets_{i}")(h, temb)
+    if block.attn is not None:
+        name = f"attentions_{i}"
+        h, w = _transformer(block.attn, block.out_channels, block.groups, block.dtype, name, block.remat)(
+            h, context, child_read(reference, name), write)
+        if write:
+            written[name] = w
+    return h
 
 
 class DownBlock(nn.Module):
@@ -65,17 +98,10 @@ class DownBlock(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, h, temb, context, reference=None, ref_mix=None, write: bool = False):
+    def __call__(self, h, temb, context, reference: Optional[ReferenceRead] = None, write: bool = False):
         skips, written = (), {}
         for i in range(self.num_layers):
-            h = _resnet(self.remat)(self.out_channels, self.groups, eps=self.eps, dtype=self.dtype,
-                                    name=f"resnets_{i}")(h, temb)
-            if self.attn is not None:
-                name = f"attentions_{i}"
-                h, w = _transformer(self.attn, self.out_channels, self.groups, self.dtype, name, self.remat)(
-                    h, context, _child(reference, name), ref_mix, write)
-                if write:
-                    written[name] = w
+            h = _resnet_and_attention(self, i, h, temb, context, reference, write, written)
             skips += (h,)
         if self.add_downsample:
             h = Downsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
@@ -96,17 +122,17 @@ class MidBlock(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, h, temb, context, reference=None, ref_mix=None, write: bool = False):
+    def __call__(self, h, temb, context, reference: Optional[ReferenceRead] = None, write: bool = False):
         channels = h.shape[-1]
         resnet = lambda i: _resnet(self.remat)(channels, self.groups, eps=self.eps,  # noqa: E731
-                                         output_scale_factor=self.output_scale_factor, dtype=self.dtype,
-                                         name=f"resnets_{i}")
+                                               output_scale_factor=self.output_scale_factor, dtype=self.dtype,
+                                               name=f"resnets_{i}")
         h = resnet(0)(h, temb)
         written = {}
         for i in range(self.num_layers):
             name = f"attentions_{i}"
             h, w = _transformer(self.attn, channels, self.groups, self.dtype, name, self.remat)(
-                h, context, _child(reference, name), ref_mix, write)
+                h, context, child_read(reference, name), write)
             if write:
                 written[name] = w
             h = resnet(i + 1)(h, temb)
@@ -117,7 +143,8 @@ class UpBlock(nn.Module):
     """(concat skip, resnet (+ transformer)) x num_layers, then an optional 2x upsampler.
 
     skips: the matching down-path outputs, consumed from the end. ``upsample_size``: output (H, W) of the
-    upsampler when the input size is not a multiple of the UNet's total downsampling.
+    upsampler when the input size is not a multiple of the UNet's total downsampling. ``stop_after_attention``: the
+    write path's last block skips its upsampler (nothing reads it).
     """
 
     out_channels: int
@@ -130,20 +157,14 @@ class UpBlock(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, h, skips: Sequence, temb, context, reference=None, ref_mix=None, write: bool = False,
-                 upsample_size: Optional[Tuple[int, int]] = None, stop_after_attention: bool = False):
+    def __call__(self, h, skips: Sequence, temb, context, reference: Optional[ReferenceRead] = None,
+                 write: bool = False, upsample_size: Optional[Tuple[int, int]] = None,
+                 stop_after_attention: bool = False):
         skips = list(skips)
         written = {}
         for i in range(self.num_layers):
             h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = _resnet(self.remat)(self.out_channels, self.groups, eps=self.eps, dtype=self.dtype,
-                                    name=f"resnets_{i}")(h, temb)
-            if self.attn is not None:
-                name = f"attentions_{i}"
-                h, w = _transformer(self.attn, self.out_channels, self.groups, self.dtype, name, self.remat)(
-                    h, context, _child(reference, name), ref_mix, write)
-                if write:
-                    written[name] = w
+            h = _resnet_and_attention(self, i, h, temb, context, reference, write, written)
         if self.add_upsample and not stop_after_attention:
             h = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(h, upsample_size)
         return h, written

@@ -86,8 +86,8 @@ class ReferenceAttnProcessor:
         ref = state.bank.get(self.name) if state.mode == "read" else None
         if ref is None or (state.reading is not None and self.name not in state.reading):
             return plain()
-        if ref.shape[0] != hidden_states.shape[0]:
-            ref = ref.repeat(hidden_states.shape[0] // ref.shape[0], 1, 1)
+        if ref.shape[0] != hidden_states.shape[0]:  # sample-major rows, as pmf_jax.rows.expand_rows
+            ref = ref.repeat_interleave(hidden_states.shape[0] // ref.shape[0], dim=0)
         out = _attend(attn, hidden_states, torch.cat([hidden_states, ref.to(hidden_states.dtype)], dim=1))
         if state.ref_mix is not None:
             w = state.ref_mix.to(out.dtype).view(-1, 1, 1)

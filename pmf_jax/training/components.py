@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pmf_jax.constants import SD15_NOISE_SCHEDULE
 from pmf_jax.errors import PMFInputError
 from pmf_jax.io import from_pretrained
 from pmf_jax.io.hub import resolve_folder
@@ -25,8 +26,8 @@ from pmf_jax.models.unet import UNet2DConditionModel
 from pmf_jax.schedulers import make_scheduler
 
 PARTS = ("unet", "reference_unet", "controlnet")
-DEFAULT_NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                          "beta_end": 0.012}
+# Runs without a pretrained base train on SD1.5's betas (the training noise needs no sampling-time offset).
+DEFAULT_NOISE_SCHEDULE = SD15_NOISE_SCHEDULE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,14 +42,24 @@ class Components:
     trainable: Tuple[str, ...]
     context_shape: Tuple[int, int]  # [T, D] of the (empty-prompt) text context
 
-    def encode(self, ae_params, images):
-        """images [B, H, W, 3] in [-1, 1] -> latents [B, h, w, C], scaled (the mean of the posterior)."""
-        mean, _ = self.autoencoder.apply({"params": ae_params}, images, method=self.autoencoder.encode)
-        return mean * self.autoencoder.scaling_factor
+    @staticmethod
+    def check_mode(mode: str) -> None:
+        if mode == "controlnet_only":
+            raise PMFInputError("reference.mode=controlnet_only has no reference bank to train; train with acm or "
+                                "reference_only (controlnet_only is a sampling mode, e.g. for pmf eval generate)")
 
-    def decode(self, ae_params, latents):
-        return self.autoencoder.apply({"params": ae_params}, latents / self.autoencoder.scaling_factor,
-                                      method=self.autoencoder.decode)
+    def for_mode(self, mode: str) -> "Components":
+        """The parts a train step runs for ``reference.mode``: in reference_only the denoising UNet itself writes the
+        bank (the one place this is decided for training and planning)."""
+        Components.check_mode(mode)
+        return dataclasses.replace(self, reference_unet=self.unet) if mode == "reference_only" else self
+
+    def encode(self, ae_params, images):
+        """images [B, H, W, 3] in [-1, 1] -> latents [B, h, w, C] float32 for the UNet
+        (:func:`pmf_jax.pipelines.common.vae_encode`, the one encode of training and sampling)."""
+        from pmf_jax.pipelines.common import vae_encode
+
+        return vae_encode(self.autoencoder, ae_params, images)
 
 
 def trainable_parts(train_cfg) -> Tuple[str, ...]:
@@ -93,6 +104,7 @@ def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Compo
     ``frozen`` {"autoencoder": tree, "context": [1, T, D] array} of what never trains.
     """
     source = source or PretrainedSource()
+    Components.check_mode(cfg.reference.mode)
     m = cfg.model
     dtype = jnp.dtype(m.dtype)
     trainable = trainable_parts(cfg.train)
@@ -125,10 +137,11 @@ def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Compo
     noise_scheduler = _noise_scheduler(m, source)
     components = Components(unet, ref_unet, controlnet, autoencoder, noise_scheduler, trainable,
                             tuple(context.shape[1:]))
-    frozen_dtype = jnp.dtype(m.frozen_param_dtype)
+    # What trains is stored in model.param_dtype, what is frozen in model.frozen_param_dtype.
+    frozen_dtype, param_dtype = jnp.dtype(m.frozen_param_dtype), jnp.dtype(m.param_dtype)
     for part in params:
-        if part not in trainable:
-            params[part] = jax.tree_util.tree_map(lambda a: a.astype(frozen_dtype), params[part])
+        part_dtype = param_dtype if part in trainable else frozen_dtype
+        params[part] = jax.tree_util.tree_map(lambda a: a.astype(part_dtype), params[part])
     frozen = {"autoencoder": jax.tree_util.tree_map(lambda a: a.astype(frozen_dtype), ae_params), "context": context}
     return components, params, frozen
 

@@ -3,7 +3,7 @@
     x0 = E(target), r = E(source), t ~ U{0..T-1}, x_t = add_noise(x0, ε, t)
     bank = reference_unet.write(r [noised to t if configured], t or 0)
     residuals = controlnet(x_t, t, pose [, bank])                      (stage 2)
-    pred = unet(x_t, t, ctx, residuals, reference=bank, ref_mix=drop)   drop: per-sample reference dropout
+    pred = unet(x_t, t, ctx, residuals, reference=read(bank, drop))    drop: per-sample reference dropout
     loss = mean_b w_b · mean((pred − target_b)²)                         target ε, v or x0; w: min-SNR-γ (optional)
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Dict
 import jax
 import jax.numpy as jnp
 
-from pmf_jax.reference import ReferenceConfig, write_inputs
+from pmf_jax.reference import ReferenceConfig, ReferenceRead, write_inputs
 
 
 def min_snr_weights(snr, gamma: float, prediction_type: str):
@@ -50,14 +50,14 @@ def pmf_loss(params: Dict[str, Any], frozen: Dict[str, Any], batch: Dict[str, ja
                                   method=c.reference_unet.write_reference)
     # Reference dropout for appearance guidance: dropped rows attend plainly (ref_mix = 1).
     ref_mix = (jax.random.uniform(k_drop, (b,)) < train_cfg.reference_drop_prob).astype(jnp.float32)
+    read = ReferenceRead.build(bank, reference_cfg, b, ref_mix=ref_mix)
     residuals = {}
     if c.controlnet is not None:
-        read = dict(reference=bank, reference_config=reference_cfg, ref_mix=ref_mix) \
-            if reference_cfg.controlnet_reads_reference else {}
-        down, mid = c.controlnet.apply({"params": params["controlnet"]}, x_t, t, context, batch["pose"], **read)
+        cn_read = read if reference_cfg.controlnet_reads_reference else None
+        down, mid = c.controlnet.apply({"params": params["controlnet"]}, x_t, t, context, batch["pose"],
+                                       reference=cn_read)
         residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
-    pred = c.unet.apply({"params": params["unet"]}, x_t, t, context, reference=bank, reference_config=reference_cfg,
-                        ref_mix=ref_mix, **residuals)
+    pred = c.unet.apply({"params": params["unet"]}, x_t, t, context, reference=read, **residuals)
     per_sample = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
     if train_cfg.min_snr_gamma:
         per_sample = per_sample * min_snr_weights(sched.snr(t), train_cfg.min_snr_gamma, train_cfg.prediction_type)

@@ -13,7 +13,7 @@ import pytest
 from pmf_jax.models.controlnet import ControlNetModel
 from pmf_jax.models.unet import UNet2DConditionModel
 from pmf_jax.parallel import collective_counts, jit_sharded, make_mesh, param_shardings, shard_batch, shard_params
-from pmf_jax.reference import ReferenceConfig
+from pmf_jax.reference import ReferenceConfig, ReferenceRead
 
 if jax.device_count() != 8:
     pytest.skip("needs 8 devices: run through tests/run_all.sh", allow_module_level=True)
@@ -33,10 +33,10 @@ FF_KERNEL = ("unet", "mid_block", "attentions_0", "transformer_blocks_0", "ff", 
 def pmf_loss(params, batch):
     t, ctx = batch["t"], batch["ctx"]
     bank = UNET.apply({"params": params["reference_unet"]}, batch["ref"], t, ctx, method=UNET.write_reference)
-    down, mid = CONTROLNET.apply({"params": params["controlnet"]}, batch["x"], t, ctx, batch["pose"], reference=bank,
-                                 reference_config=REF_CFG)
+    read = ReferenceRead.build(bank, REF_CFG, batch["x"].shape[0])
+    down, mid = CONTROLNET.apply({"params": params["controlnet"]}, batch["x"], t, ctx, batch["pose"], reference=read)
     out = UNET.apply({"params": params["unet"]}, batch["x"], t, ctx, down_block_additional_residuals=down,
-                     mid_block_additional_residual=mid, reference=bank, reference_config=REF_CFG)
+                     mid_block_additional_residual=mid, reference=read)
     return jnp.mean((out - batch["y"]) ** 2), out
 
 
