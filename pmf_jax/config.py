@@ -22,10 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from pmf_jax import constants
 from pmf_jax.errors import PMFInputError
-
-DTYPES = ("float32", "bfloat16", "float16")
-SCHEDULER_NAMES = ("ddim", "euler", "dpmpp_2m", "unipc", "ddpm")  # keys of pmf_jax.schedulers.SCHEDULERS (tested)
 
 
 def _field(default: Any, *, choices: Sequence[Any] = (), check=None, doc: str = "") -> Any:
@@ -67,11 +65,10 @@ class ModelConfig(_Section):
     revision: Optional[str] = _field(None, doc="Hub revision of `base`")
     controlnet: Optional[str] = _field("lllyasviel/control_v11p_sd15_openpose", doc="pose ControlNet; null: none")
     reference_unet: Optional[str] = _field(None, doc="trained ACM UNet folder; null: initialised from base's UNet")
-    instruct_pix2pix: Optional[str] = _field("timbrooks/instruct-pix2pix", doc="UNet for text-guided enhancement")
-    dtype: str = _field("bfloat16", choices=DTYPES, doc="compute dtype (float32 on CPU tests)")
-    param_dtype: str = _field("float32", choices=DTYPES, doc="dtype of the parameters that train")
-    frozen_param_dtype: str = _field("bfloat16", choices=DTYPES, doc="dtype of frozen parameters")
-    attention_backend: str = _field("auto", choices=("auto", "xla", "cudnn", "flash"))
+    dtype: str = _field("bfloat16", choices=constants.DTYPES, doc="compute dtype (float32 on CPU tests)")
+    param_dtype: str = _field("float32", choices=constants.DTYPES, doc="dtype of the parameters that train")
+    frozen_param_dtype: str = _field("bfloat16", choices=constants.DTYPES, doc="dtype of frozen parameters")
+    attention_backend: str = _field("auto", choices=constants.ATTENTION_BACKENDS)
     autoencoder: str = _field("vae", choices=("vae", "identity"),
                               doc="identity: diffuse in pixel space (tiny demo/test models without a VAE)")
     pixel_patch_size: int = _field(1, check=_POSITIVE, doc="autoencoder=identity: fold p x p pixels into channels")
@@ -84,12 +81,13 @@ class ReferenceSection(_Section):
     """The Appearance Control Module's reference bank (see pmf_jax.reference.ReferenceConfig for the meanings)."""
 
     SECTION = "reference"
-    mode: str = _field("acm", choices=("acm", "reference_only"),
-                       doc="acm: a separate reference UNet; reference_only: the denoising UNet's own weights")
-    fusion_blocks: str = _field("full", choices=("full", "midup"))
+    mode: str = _field(constants.DEFAULT_MODE, choices=constants.MODES,
+                       doc="acm: a separate reference UNet; reference_only: the denoising UNet's own weights; "
+                           "controlnet_only: no reference")
+    fusion_blocks: str = _field("full", choices=constants.FUSION_BLOCKS)
     attention_weight: float = _field(1.0, check=_PROB, doc="reference-only attention auto machine weight")
     style_fidelity: float = _field(0.0, check=_PROB)
-    reference_timestep: str = _field("same", choices=("same", "zero"))
+    reference_timestep: str = _field("same", choices=constants.REFERENCE_TIMESTEPS)
     noise_reference: bool = _field(False)
     controlnet_reads_reference: bool = _field(False)
 
@@ -144,7 +142,6 @@ class TrainConfig(_Section):
                                   doc="the UNet's target: noise, velocity, or the clean latent (sample)")
     min_snr_gamma: Optional[float] = _field(None, check=_OPT_NON_NEGATIVE, doc="Min-SNR loss weighting; null: off")
     noise_offset: float = _field(0.0, check=_NON_NEGATIVE)
-    text_drop_prob: float = _field(0.05, check=_PROB, doc="P(empty prompt), for classifier-free guidance")
     reference_drop_prob: float = _field(0.05, check=_PROB, doc="P(no reference), for appearance guidance")
     remat: bool = _field(False, doc="rematerialise transformer blocks in the backward pass")
     compilation_cache: bool = _field(True, doc="JAX persistent compilation cache ($PMF_JAX_CACHE_DIR or "
@@ -180,13 +177,14 @@ class SamplingConfig(_Section):
     """The sampler and its guidance."""
 
     SECTION = "sampling"
-    scheduler: str = _field("ddim", choices=SCHEDULER_NAMES)
-    steps: int = _field(30, check=_POSITIVE)
-    text_guidance_scale: float = _field(7.5, check=_NON_NEGATIVE, doc="1 turns text guidance off")
-    reference_guidance_scale: float = _field(2.0, check=_NON_NEGATIVE, doc="appearance guidance; 1: off")
-    image_guidance_scale: float = _field(1.5, check=_NON_NEGATIVE, doc="InstructPix2Pix image guidance")
+    scheduler: str = _field(constants.DEFAULT_SCHEDULER, choices=constants.SCHEDULER_NAMES)
+    steps: int = _field(constants.DEFAULT_STEPS, check=_POSITIVE)
+    text_guidance_scale: float = _field(constants.DEFAULT_GUIDANCE_SCALE, check=_NON_NEGATIVE,
+                                        doc="1 turns text guidance off")
+    reference_guidance_scale: Optional[float] = _field(2.0, check=_OPT_NON_NEGATIVE,
+                                                       doc="separate appearance guidance (3 guidance rows): the "
+                                                           "pipeline's appearance_guidance_scale; null: off (2 rows)")
     controlnet_scale: float = _field(1.0, check=_NON_NEGATIVE)
-    eta: float = _field(0.0, check=_NON_NEGATIVE, doc="DDIM eta")
     seed: int = _field(0)
 
 

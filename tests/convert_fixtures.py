@@ -2,7 +2,7 @@
 
 The run folder is what ``train.loop.train_and_evaluate`` writes for configs/tiny_synthetic.yaml with the small UNet of
 train_fixtures (48 channels: 64x64 pixels in 4x4 patches): ``config.yaml`` + ``components.json`` (the loop's
-``_write_run_info``) and orbax checkpoints at steps 1 and 2 (``train.checkpointing.save`` of a ``TrainState`` from
+``write_run_info``) and orbax checkpoints at steps 1 and 2 (``train.checkpointing.save`` of a ``TrainState`` from
 ``init_state``). The parameter trees are those of ``components.build`` (run under ``jax.eval_shape``, so no init is
 compiled) filled with random "trained" values (ControlNet zero convs included), and a different EMA copy.
 tests/multidevice/test_convert_sharded.py writes it sharded over 8 devices and exports it on the host.
@@ -61,7 +61,7 @@ def write_run(root: Path, run_dir: Path, *extra: str, place=None, steps=STEPS) -
     from pmf_jax.training import components as components_lib
     from pmf_jax.training.state import init_state, make_optimizer
     from train import checkpointing
-    from train.loop import _write_run_info
+    from train.loop import write_run_info
 
     cfg = run_config(root, run_dir, *extra)
     built = {}
@@ -72,7 +72,7 @@ def write_run(root: Path, run_dir: Path, *extra: str, place=None, steps=STEPS) -
 
     abstract = jax.eval_shape(build, jax.random.key(cfg.train.seed))
     comps = built["components"]
-    _write_run_info(run_dir, cfg, comps)
+    write_run_info(run_dir, cfg, comps)
     trainable = {part: abstract[part] for part in comps.trainable}
     tx = make_optimizer(cfg.train)
     manager = checkpointing.make_manager(run_dir, keep=5, async_saves=False)

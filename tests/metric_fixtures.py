@@ -4,13 +4,12 @@ FID, random AlexNet weights in torchvision's checkpoint layout (LPIPS), and a ti
     from metric_fixtures import fake_alexnet, random_conv_features, tiny_clip
 """
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pmf_jax.metrics import FeatureExtractor
+from tiny_tokenizer import write_clip_vocab
 
 
 def random_conv_features(seed=0, dim=8) -> FeatureExtractor:
@@ -45,13 +44,7 @@ def tiny_clip(folder, seed=0):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {c: i for i, c in enumerate(letters)}
-    vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
-    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    write_clip_vocab(folder, merge=None)  # bos 52, eos 53
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)

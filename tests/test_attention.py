@@ -46,7 +46,7 @@ def test_bf16_inputs_keep_fp32_softmax():
     ("cpu", jnp.bfloat16, 4096, "xla"),
     ("gpu", jnp.bfloat16, 4096, "cudnn"),
     ("gpu", jnp.float16, CUDNN_MIN_SEQ_LEN, "cudnn"),
-    ("gpu", jnp.bfloat16, 64, "xla"),     # short sequences: XLA wins (DESIGN.md measurements)
+    ("gpu", jnp.bfloat16, 64, "xla"),     # short sequences: XLA wins (docs/architecture.md measurements)
     ("gpu", jnp.float32, 4096, "xla"),    # cuDNN flash needs half precision
     ("tpu", jnp.bfloat16, 4096, "xla"),
 ])

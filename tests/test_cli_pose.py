@@ -78,7 +78,7 @@ def test_extract_with_random_weights_folder(tmp_path):
     from pmf_jax.pose import detect
 
     torch.manual_seed(0)
-    model = detect._controlnet_aux_open_pose().model.bodypose_model()
+    model = detect.controlnet_aux_open_pose().model.bodypose_model()
     weights = tmp_path / "Annotators"
     weights.mkdir()
     torch.save({k.split(".", 1)[1]: v for k, v in model.state_dict().items()}, weights / detect.BODY_FILE)

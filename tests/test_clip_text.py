@@ -13,6 +13,7 @@ import pmf_jax.io as pio
 from pmf_jax.errors import PMFInputError
 from pmf_jax.models.clip_text import CLIPTextModel, CLIPTextOutput, load_tokenizer
 from parity import rel_err
+from tiny_tokenizer import write_clip_vocab
 
 transformers = pytest.importorskip("transformers")
 
@@ -183,19 +184,8 @@ def test_config_errors_and_generic_keys():
         module.init(jax.random.key(0), jnp.zeros((1, 17), jnp.int32))
 
 
-def _write_tokenizer(folder):
-    folder.mkdir(parents=True)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {c: i for i, c in enumerate(letters)}
-    vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
-    vocab.update({"ab</w>": 52, "<|startoftext|>": 53, "<|endoftext|>": 54})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\na b</w>\n")
-    return vocab
-
-
 def test_load_tokenizer(tmp_path):
-    vocab = _write_tokenizer(tmp_path / "pipe" / "tokenizer")
+    vocab = write_clip_vocab(tmp_path / "pipe" / "tokenizer", merge="ab")
     tokenizer = load_tokenizer(tmp_path / "pipe")
     ids = tokenizer(["ab c"], padding="max_length", max_length=6, truncation=True).input_ids
     assert ids == [[53, vocab["ab</w>"], vocab["c</w>"], 54, 54, 54]]

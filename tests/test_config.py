@@ -69,7 +69,7 @@ def test_unknown_keys_are_errors_with_close_matches(override, match):
     ("train.remat=maybe", r"train.remat='maybe' is not a valid bool"),
     ("train.schedule=linear", r"train.schedule='linear' must be one of \['cosine', 'constant'\]"),
     ("train.stage=3", r"train.stage=3 must be one of \[1, 2\]"),
-    ("train.text_drop_prob=1.5", r"train.text_drop_prob=1.5 must lie in \[0, 1\]"),
+    ("train.reference_drop_prob=1.5", r"train.reference_drop_prob=1.5 must lie in \[0, 1\]"),
     ("data.resolution=[500, 512]", r"data.resolution=\(500, 512\) must be one size or \[height, width\]"),
     ("data.resolution=[a, b]", r"data.resolution='a' is not a valid int"),
     ("mesh.fsdp=0", r"mesh.fsdp=0 must be a positive integer or -1"),

@@ -208,9 +208,13 @@ def test_base_run_copies_untrained_parts(tiny_sd, base_run, base_export):
     assert pipe.vae is not None and pipe.text_encoder is not None
 
 
-def test_cli_literals_match_the_library():
-    from pmf_jax.commands import convert as command
+def test_cli_dtypes_are_the_library_s():
+    from pmf_jax.cli import build_parser
+    from pmf_jax.constants import DTYPE_SHORT_NAMES
     from pmf_jax.convert import folders
 
-    assert set(command.DTYPES) <= set(folders.DTYPES)
+    for name, long_name in DTYPE_SHORT_NAMES.items():
+        for direction, source in (("to-diffusers", "--checkpoint"), ("from-diffusers", "--model")):
+            args = build_parser().parse_args(["convert", direction, source, "in", "--out", "out", "--dtype", name])
+            assert folders.parse_dtype(args.dtype) == folders.parse_dtype(long_name) == jax.numpy.dtype(long_name)
 

@@ -12,6 +12,7 @@ from pmf_jax.pose import COLORS, render_pose, write_openpose_json
 from pmf_jax.pose import detect, inputs
 from pmf_jax.pose.align import PARENTS, align_skeleton
 from pmf_jax.pose.inputs import fit_transform
+from pose_fixtures import fake_detector, spread_joints
 
 # ----------------------------------------------------------------------------------------------------- helpers
 
@@ -27,14 +28,6 @@ def _pose(rng, height, width, spread=0.25):
                              (width - 3, height - 3))  # fmt: skip
         kps[j, 2] = 1.0
     return kps
-
-
-def _spread_joints(height, width):
-    """Joints on a grid, far enough apart that no disc covers another."""
-    kps = np.zeros((18, 3), np.float32)
-    for j in range(18):
-        kps[j] = (width * (0.1 + 0.16 * (j % 6)), height * (0.15 + 0.3 * (j // 6)), 1.0)
-    return np.round(kps)
 
 
 def _doodle(rng, size=256, color=(0, 0, 0), paper=(255, 255, 255)):
@@ -168,7 +161,7 @@ def test_photos_and_doodles_are_not_skeletons():
 
 def test_keypoints_from_skeleton_image():
     height, width = 240, 200
-    kps = _spread_joints(height, width)
+    kps = spread_joints(height, width)
     kps[[4, 16]] = 0
     recovered = inputs.keypoints_from_skeleton_image(render_pose(kps, height, width))
     np.testing.assert_array_equal(recovered[:, 2] > 0, kps[:, 2] > 0)
@@ -184,7 +177,7 @@ def random_weights(tmp_path_factory):
     the way the real body_pose_model.pth is (keys without controlnet_aux's block prefix)."""
     import torch
 
-    bodypose_model = detect._controlnet_aux_open_pose().model.bodypose_model  # imported quietly
+    bodypose_model = detect.controlnet_aux_open_pose().model.bodypose_model  # imported quietly
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("Annotators")
     state = bodypose_model().state_dict()
@@ -225,31 +218,8 @@ def test_missing_or_bad_weights_are_clear_errors(tmp_path, random_weights):
     assert detect.find_detector_weights(tmp_path / "ControlNet")["body"] == nested / detect.BODY_FILE
 
 
-class _FakeBody:
-    """Stands in for controlnet_aux's Body network: one person with joint j at (10 + 20 j, 40 + j) in pixels of the
-    image it is given (controlnet_aux's candidate / subset format), so the mapping back to the input is checkable."""
-
-    def __init__(self, people=1):
-        self.format_body_result = detect._controlnet_aux_open_pose().Body.format_body_result
-        self.shapes, self.people = [], people
-
-    def __call__(self, image):
-        self.shapes.append(image.shape)
-        if not self.people:
-            return np.zeros((0, 4)), -np.ones((0, 20))
-        candidate = np.array([[10 + 20 * j, 40 + j, 0.5, j] for j in range(18) if j != 7], np.float64)
-        subset = -np.ones((1, 20))
-        subset[0, [j for j in range(18) if j != 7]] = np.arange(17)
-        subset[0, 18:] = (8.5, 17)
-        return candidate, subset
-
-
-def _fake_detector(people=1):
-    return detect._controlnet_aux_open_pose().OpenposeDetector(_FakeBody(people))
-
-
 def test_detect_poses_maps_back_to_input_pixels():
-    detector = _fake_detector()
+    detector = fake_detector()
     image = np.zeros((300, 1000, 3), np.uint8)
     found = detect.detect_poses(image, detector)
     assert detector.body_estimation.shapes == [(512, 1707, 3)]  # detected at a 512 px short side
@@ -272,14 +242,14 @@ def test_detect_poses_maps_back_to_input_pixels():
     np.testing.assert_allclose(np.diff(right[1:, :2], axis=0), np.tile([[sx, sy]], (19, 1)), atol=1e-4)
 
 
-# ----------------------------------------------------------------------------------------------- prepare_pose
+# ----------------------------------------------------------------------------------------------- resolve_pose
 
 
-def test_prepare_pose_from_json_and_arrays(tmp_path):
-    kps = _spread_joints(200, 100)
+def test_resolve_pose_from_json_and_arrays(tmp_path):
+    kps = spread_joints(200, 100)
     path = write_openpose_json(tmp_path / "pose.json", kps, height=200, width=100)
     size = (64, 64)
-    cond = inputs.prepare_pose(path, size, "pad")
+    cond = inputs.resolve_pose(path, size, "pad")
     moved = fit_transform((200, 100), size, "pad").keypoints(kps[None])
     assert cond.kind == "json" and cond.image.shape == (64, 64, 3)
     np.testing.assert_allclose(cond.keypoints, moved)
@@ -288,46 +258,46 @@ def test_prepare_pose_from_json_and_arrays(tmp_path):
         x, y = int(moved[0, j, 0]), int(moved[0, j, 1])
         assert tuple(cond.image[y, x]) == COLORS[j]
     # An array in the output frame needs no pose_size; a JSON file without a canvas is taken as the output frame.
-    same = inputs.prepare_pose(moved[0], size)
+    same = inputs.resolve_pose(moved[0], size)
     assert same.kind == "keypoints"
     np.testing.assert_array_equal(same.image, cond.image)
     data = json.loads(path.read_text())
     del data["canvas_width"], data["canvas_height"]
     (tmp_path / "nocanvas.json").write_text(json.dumps(data))
-    np.testing.assert_allclose(inputs.prepare_pose(tmp_path / "nocanvas.json", (200, 100)).keypoints, kps[None])
+    np.testing.assert_allclose(inputs.resolve_pose(tmp_path / "nocanvas.json", (200, 100)).keypoints, kps[None])
     with pytest.raises(PMFInputError, match="no person"):
-        inputs.prepare_pose(np.zeros((18, 3), np.float32), size)
+        inputs.resolve_pose(np.zeros((18, 3), np.float32), size)
 
 
-def test_prepare_pose_from_skeleton_image_photo_and_alignment(tmp_path):
+def test_resolve_pose_from_skeleton_image_photo_and_alignment(tmp_path):
     size = (96, 64)
-    kps = _spread_joints(300, 200)
+    kps = spread_joints(300, 200)
     skeleton = render_pose(kps, 300, 200)
     cv2.imwrite(str(tmp_path / "skeleton.png"), skeleton[..., ::-1])
-    cond = inputs.prepare_pose(tmp_path / "skeleton.png", size, "crop")
+    cond = inputs.resolve_pose(tmp_path / "skeleton.png", size, "crop")
     assert cond.kind == "skeleton" and cond.keypoints is None
     np.testing.assert_array_equal(cond.image, fit_transform((300, 200), size, "crop").image(skeleton))
 
     # Alignment: the target is re-proportioned to the source keypoints (already on the canvas).
     source = _pose(np.random.default_rng(5), *size)
     target = _pose(np.random.default_rng(6), *size)
-    aligned = inputs.prepare_pose(target, size, source_keypoints=source)
+    aligned = inputs.resolve_pose(target, size, source_keypoints=source)
     np.testing.assert_allclose(aligned.keypoints[0], align_skeleton(target, source), atol=1e-4)
     # A skeleton image being aligned gives up its joints first.
-    from_skeleton = inputs.prepare_pose(skeleton, (300, 200), source_keypoints=source)
+    from_skeleton = inputs.resolve_pose(skeleton, (300, 200), source_keypoints=source)
     assert from_skeleton.kind == "skeleton"
     np.testing.assert_allclose(from_skeleton.keypoints[0], align_skeleton(kps, source), atol=1.5)
 
     # A photo goes through the detector: a clear error without weights, detection with them.
     photo = np.random.default_rng(7).integers(0, 256, (80, 60, 3), dtype=np.uint8)
     with pytest.raises(PMFInputError, match="body_pose_model.pth"):
-        inputs.prepare_pose(photo, size, detector_weights=tmp_path)
+        inputs.resolve_pose(photo, size, detector_weights=tmp_path)
     with pytest.raises(PMFInputError, match="no person found"):
-        inputs.prepare_pose(photo, size, detector=_fake_detector(people=0))
-    found = inputs.prepare_pose(photo, (60, 60), detector=_fake_detector())
+        inputs.resolve_pose(photo, size, detector=fake_detector(people=0))
+    found = inputs.resolve_pose(photo, (60, 60), detector=fake_detector())
     assert found.kind == "detected" and found.keypoints.shape == (1, 18, 3)
     with pytest.raises(PMFInputError, match="pose image"):
-        inputs.prepare_pose(tmp_path / "missing.png", size)
+        inputs.resolve_pose(tmp_path / "missing.png", size)
 
 
 def test_default_weights_come_from_the_hf_cache(tmp_path, random_weights, monkeypatch):

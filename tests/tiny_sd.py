@@ -18,11 +18,12 @@ Layout under one temporary folder (64x64 images, 8x8x4 latents; the tokenizer kn
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tiny_tokenizer import tiny_clip_tokenizer
 
 SIZE = 64
 CLIP_DIM = 32
@@ -70,21 +71,6 @@ def _randomize(model, seed: int, scale: float):
     return model.eval()
 
 
-def _tokenizer(folder: Path):
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {c: i for i, c in enumerate(letters)}
-    vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
-    vocab.update({"an</w>": 52, "<|startoftext|>": 53, "<|endoftext|>": 54})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\na n</w>\n")
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=16)
-    tokenizer.save_pretrained(str(folder))
-    return tokenizer
-
-
 def build_tiny_sd(root: Path) -> TinySD:
     import torch
     import transformers
@@ -92,17 +78,17 @@ def build_tiny_sd(root: Path) -> TinySD:
                            StableDiffusionPipeline, UNet2DConditionModel)
     from PIL import Image
 
+    from pmf_jax.constants import SD15_SCHEDULER_CONFIG
     from pmf_jax.pose import render_pose, write_openpose_json
 
     root = Path(root)
     torch.manual_seed(0)
-    tokenizer = _tokenizer(root / "_tokenizer")
+    tokenizer = tiny_clip_tokenizer(root / "_tokenizer")
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         hidden_size=CLIP_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
         max_position_embeddings=16, bos_token_id=53, eos_token_id=54, pad_token_id=54)).eval()
     vae = _randomize(AutoencoderKL(**VAE), seed=1, scale=0.6)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                              steps_offset=1, set_alpha_to_one=False)
+    scheduler = PNDMScheduler(**SD15_SCHEDULER_CONFIG, skip_prk_steps=True, set_alpha_to_one=False)
     common = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
                   feature_extractor=None, requires_safety_checker=False)
     StableDiffusionPipeline(unet=_randomize(UNet2DConditionModel(**UNET), seed=2, scale=0.5), **common

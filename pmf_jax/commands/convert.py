@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-DTYPES = ("fp32", "fp16", "bf16")  # = pmf_jax.convert.folders.DTYPES short names (no JAX import here)
+from pmf_jax.constants import DTYPE_SHORT_NAMES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -27,7 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     to.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                     help="export the EMA weights (default: when the run kept them) or, with --no-ema, the raw ones")
     to.add_argument("--base", help="the run's base SD folder or cached repo id, if it moved since training")
-    to.add_argument("--dtype", choices=DTYPES, default="fp32", help="of the exported models (default: %(default)s)")
+    to.add_argument("--dtype", choices=tuple(DTYPE_SHORT_NAMES), default="fp32",
+                    help="of the exported models (default: %(default)s)")
     to.add_argument("--link", action="store_true", help="symlink the base's vae/text_encoder/tokenizer files "
                                                         "instead of copying them")
     to.add_argument("--overwrite", action="store_true", help="replace an existing OUT (atomically)")
@@ -42,7 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     frm.add_argument("--controlnet", help="ControlNet folder or cached repo id (replaces the model's controlnet/)")
     frm.add_argument("--reference-unet", help="reference UNet (ACM) folder (replaces the model's reference_unet/)")
     frm.add_argument("--out", required=True, help="output checkpoint folder (must not exist, unless --overwrite)")
-    frm.add_argument("--dtype", choices=DTYPES, default="fp32", help="stored parameters (default: %(default)s)")
+    frm.add_argument("--dtype", choices=tuple(DTYPE_SHORT_NAMES), default="fp32",
+                     help="stored parameters (default: %(default)s)")
     frm.add_argument("--revision", help="Hub revision of --model")
     frm.add_argument("--allow-pickle", action="store_true", help="read .bin/.ckpt weights (can run arbitrary code)")
     frm.add_argument("--overwrite", action="store_true", help="replace an existing CKPT_DIR (atomically)")

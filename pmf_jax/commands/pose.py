@@ -16,7 +16,7 @@ import numpy as np
 from pmf_jax.commands.options import positive_int
 from pmf_jax.errors import PMFInputError
 from pmf_jax.pose import detect, inputs
-from pmf_jax.pose.openpose_json import read_openpose_json, write_openpose_json
+from pmf_jax.pose.openpose_json import read_canvas_size, read_openpose_json, write_openpose_json
 
 # OpenPose JSON keys of the optional parts, with their point counts.
 _EXTRA_PARTS = {
@@ -68,28 +68,12 @@ def add_detector_arguments(parser) -> None:
 
 
 def pose_condition_from_args(args, source_image: np.ndarray, size: tuple[int, int]) -> inputs.PoseCondition:
-    """The target pose ``args.pose`` on the ``size`` canvas, per the ``add_pose_input_arguments`` and
-    ``add_fit_argument`` options; ``source_image`` (uint8 ``[H, W, 3]``, before fitting) is used for
-    ``--align-skeleton``. One detector is loaded for both, and only when something needs detecting."""
-    detector = None
-
-    def get_detector():
-        nonlocal detector
-        if detector is None:
-            detector = detect.load_detector(args.detector_weights, hands=hands, face=face)
-        return detector
-
-    fit, hands, face = getattr(args, "pose_fit", "pad"), args.hands, args.face
-    source_kpts = None
-    if args.align_skeleton:
-        source_kpts = inputs.source_keypoints_on_canvas(source_image, size, fit, detector=get_detector())
-    pose = args.pose
-    if not str(pose).lower().endswith(".json"):
-        pose = inputs.read_image(pose, "pose image")
-        if not detect.is_skeleton_image(pose):
-            get_detector()
-    return inputs.prepare_pose(pose, size, fit, source_keypoints=source_kpts, detector=detector, hands=hands,
-                               face=face)  # fmt: skip
+    """The target pose ``args.pose`` on the ``size`` canvas, per ``--pose-kind`` (if the command has it) and the
+    ``add_pose_input_arguments`` / ``add_fit_argument`` options: :func:`pmf_jax.pose.inputs.resolve_pose`.
+    ``source_image`` (uint8 ``[H, W, 3]``, before fitting) is what ``--align-skeleton`` aligns to."""
+    return inputs.resolve_pose(args.pose, size, getattr(args, "pose_fit", "pad"), getattr(args, "pose_kind", "auto"),
+                               align_to=source_image if args.align_skeleton else None,
+                               detector_weights=args.detector_weights, hands=args.hands, face=args.face)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,7 +172,7 @@ def run_render(args) -> int:
     out = _output_path(args.out, "--out")
     path = Path(args.json)
     people = read_openpose_json(path)
-    canvas = inputs._json_canvas(path)
+    canvas = read_canvas_size(path)
     if (args.width is None) != (args.height is None):
         raise PMFInputError("give both --width and --height, or neither (then the JSON's canvas size is used)")
     size = (args.height, args.width) if args.width is not None else canvas

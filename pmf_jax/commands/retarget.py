@@ -8,11 +8,10 @@ from pathlib import Path
 
 from pmf_jax.commands import options
 from pmf_jax.commands.pose import add_fit_argument, add_pose_input_arguments, pose_condition_from_args
+from pmf_jax.constants import DEFAULT_GUIDANCE_SCALE, FUSION_BLOCKS, MODES, POSE_KINDS, REFERENCE_TIMESTEPS
 from pmf_jax.errors import PMFInputError
 from pmf_jax.pipelines.images import check_resolution, image_row, load_image, resolve_size
 
-MODES = ("acm", "reference_only", "controlnet_only")  # = pmf_jax.pipelines.MODES (no JAX import here)
-POSE_KINDS = ("auto", "image", "skeleton", "keypoints")
 REFERENCE_FLAGS = ("fusion_blocks", "attention_weight", "style_fidelity", "reference_timestep",
                    "controlnet_reads_reference")  # ReferenceConfig fields set at sampling time (noise_reference: the export's)
 
@@ -50,38 +49,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sampling = p.add_argument_group("sampling")
     options.add_sampling_args(sampling)
     sampling.add_argument("--num-images", type=options.positive_int, default=4, help="(default: %(default)s)")
-    sampling.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance (default: %(default)s)")
+    sampling.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
+                          help="text guidance (default: %(default)s)")
     sampling.add_argument("--appearance-guidance-scale", type=float,
                           help="separate appearance guidance (3 guidance rows); default: off, the unconditional row "
                                "reads the reference by --style-fidelity")
     sampling.add_argument("--controlnet-scale", type=float, default=1.0, help="(default: %(default)s)")
     ref = p.add_argument_group("reference bank", "defaults: the settings a PMF export was trained with "
                                                  "(pmf_config.json), else the values shown")
-    ref.add_argument("--fusion-blocks", choices=("full", "midup"), help="(full)")
+    ref.add_argument("--fusion-blocks", choices=FUSION_BLOCKS, help="(full)")
     ref.add_argument("--attention-weight", type=float, help="reference-only auto machine weight (1.0)")
     ref.add_argument("--style-fidelity", type=float,
                      help="how much the unconditional row ignores the reference, in [0, 1] (0)")
-    ref.add_argument("--reference-timestep", choices=("same", "zero"), help="(same)")
+    ref.add_argument("--reference-timestep", choices=REFERENCE_TIMESTEPS, help="(same)")
     ref.add_argument("--controlnet-reads-reference", action=argparse.BooleanOptionalAction,
                      help="the ControlNet reads the bank too (off)")
     p.add_argument("--out", required=True, help="output folder")
     options.add_runtime_args(p)
     return p
-
-
-def _pose_condition(args, source, size):
-    """The target pose on the output canvas (``pmf_jax.pose.inputs.PoseCondition``), honouring --pose-kind."""
-    from pmf_jax.pose.inputs import PoseCondition, fit_transform
-
-    is_json = str(args.pose).lower().endswith(".json")
-    if args.pose_kind == "keypoints" and not is_json:
-        raise PMFInputError(f"--pose-kind keypoints needs an OpenPose .json file, got {args.pose!r}")
-    if args.pose_kind in ("image", "skeleton") and is_json:
-        raise PMFInputError(f"--pose-kind {args.pose_kind} needs an image file, got {args.pose!r}")
-    if args.pose_kind == "skeleton" and not args.align_skeleton:  # as is, even if it does not look like one
-        pose = load_image(args.pose, "--pose")
-        return PoseCondition(fit_transform(pose.shape[:2], size, args.pose_fit).image(pose), None, "skeleton")
-    return pose_condition_from_args(args, source, size)
 
 
 def run(args) -> int:
@@ -94,7 +79,7 @@ def run(args) -> int:
         raise PMFInputError(f"--out {str(out)!r} exists and is not a folder")
     source = load_image(args.source, "--source")
     size = resolve_size(source.shape, args.height, args.width)
-    pose = _pose_condition(args, source, size)
+    pose = pose_condition_from_args(args, source, size)
 
     import dataclasses
 

@@ -11,24 +11,24 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
+from pmf_jax.constants import DTYPE_SHORT_NAMES, DTYPES
 from pmf_jax.errors import PMFInputError
 from pmf_jax.io.pretrained import PICKLE_SUFFIXES
 
 PMF_CONFIG = "pmf_config.json"
 PMF_CONFIG_FORMAT = "pmf_jax.export"
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-          "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
 
 def parse_dtype(name: Optional[str]):
-    """"fp32"/"fp16"/"bf16" (or the long names; None = fp32) -> a numpy/ml_dtypes dtype."""
+    """"fp32"/"fp16"/"bf16" (or the long names of ``constants.DTYPES``; None = fp32) -> a numpy/ml_dtypes dtype."""
     import jax.numpy as jnp
 
     if name is None:
         return jnp.dtype("float32")
-    if str(name) not in DTYPES:
-        raise PMFInputError(f"dtype {name!r} must be one of fp32, fp16, bf16")
-    return jnp.dtype(DTYPES[str(name)])
+    long_name = DTYPE_SHORT_NAMES.get(str(name), str(name))
+    if long_name not in DTYPES:
+        raise PMFInputError(f"dtype {name!r} must be one of {', '.join(DTYPE_SHORT_NAMES)}")
+    return jnp.dtype(long_name)
 
 
 def check_output(out: Path, overwrite: bool) -> None:

@@ -32,12 +32,14 @@ import numpy as np
 from flax import traverse_util
 
 from pmf_jax.config import load_config
+from pmf_jax.constants import SD15_NOISE_SCHEDULE
 from pmf_jax.convert.folders import (check_output, copy_model_folder, model_folder, parse_dtype, staged_folder,
                                     write_pmf_config)
 from pmf_jax.errors import PMFInputError
 from pmf_jax.io import from_pretrained, save_pretrained
 from pmf_jax.io.checkpoints import read_run_info, resolve_run, restore_trained_params
 from pmf_jax.io.hub import resolve_folder
+from pmf_jax.io.naming import check_match
 
 PARTS = ("unet", "reference_unet", "controlnet")
 
@@ -193,13 +195,12 @@ def _module_for(part: str, config: Optional[dict]):
 
 def _check_tree(module, params, source: str) -> None:
     """The checkpoint's tree must be exactly the module's (names and shapes)."""
-    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(module.abstract_params()).items()}
-    have = {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(params).items()}
-    problems = sorted("/".join(k) + f": {have.get(k)} in checkpoint, {want.get(k)} in model"
-                      for k in set(want) | set(have) if want.get(k) != have.get(k))
-    if problems:
-        raise PMFInputError(f"{source} does not match its config in components.json ({len(problems)} parameters): "
-                            + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
+    want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(module.abstract_params()).items()}
+    have = {"/".join(k): tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(params).items()}
+    check_match(f"{source} (config from components.json)", sorted(set(want) - set(have)),
+                sorted(set(have) - set(want)),
+                sorted(f"{k}: {have[k]} in checkpoint, model expects {want[k]}" for k in want
+                       if k in have and have[k] != want[k]), "parameters")
 
 
 def _reference_settings(info, cfg) -> Dict[str, Any]:
@@ -247,7 +248,7 @@ def _write_scheduler(tmp: Path, cfg, base_folder: Optional[Path]) -> None:
     if path is not None and path.is_file():
         config = json.loads(path.read_text())
     else:
-        noise = make_scheduler("ddpm", components_lib.DEFAULT_NOISE_SCHEDULE)
+        noise = make_scheduler("ddpm", SD15_NOISE_SCHEDULE)
         config = components_lib.sampling_scheduler_config(types.SimpleNamespace(noise_scheduler=noise),
                                                           cfg.train.prediction_type)
         config = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.30.0", **config}

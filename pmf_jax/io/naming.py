@@ -9,7 +9,7 @@ Conv kernels are OIHW in torch and HWIO in Flax; Dense kernels are (out, in) in 
 from __future__ import annotations
 
 import re
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Sequence, Tuple
 
 import numpy as np
 from flax import traverse_util
@@ -92,6 +92,21 @@ class ConversionError(PMFInputError):
     """Raised when a state dict does not fit a model; the message lists every problem."""
 
 
+def check_match(source: str, missing: Sequence[str], unexpected: Sequence[str], misshaped: Sequence[str],
+                noun: str = "keys") -> None:
+    """Raises one ConversionError ``"<source> does not match the model:"`` listing every missing, unexpected and
+    mis-shaped name (``noun``: what the names are, e.g. "keys" of a state dict or "parameters" of a tree)."""
+    problems = []
+    if missing:
+        problems.append(f"missing {noun} ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {noun} ({len(unexpected)}): {', '.join(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped {noun} ({len(misshaped)}): {'; '.join(misshaped)}")
+    if problems:
+        raise ConversionError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
+
+
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params, *, source: str = "checkpoint",
                          ignore_unexpected: Tuple[str, ...] = ()) -> Dict:
     """Fills a Flax parameter tree from a torch-named state dict.
@@ -122,15 +137,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params, 
                              f"{target_shape} (Flax layout of {'/'.join(path)})")
             continue
         out[path] = value
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped)}")
-    if problems:
-        raise ConversionError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
+    check_match(source, missing, unexpected, misshaped, "keys")
     return traverse_util.unflatten_dict(out)
 
 

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from pmf_jax.errors import PMFInputError
-from pmf_jax.io.naming import ConversionError
+from pmf_jax.io.naming import check_match
 
 PARAMS_DIR = "orbax_params"
 
@@ -84,12 +84,4 @@ def _check(stored: Dict, wanted: Dict, source: str) -> None:
     unexpected = sorted(name(k) for k in stored if k not in wanted)
     misshaped = sorted(f"{name(k)}: {tuple(stored[k].shape)} stored, model expects {tuple(wanted[k].shape)}"
                        for k in wanted if k in stored and tuple(stored[k].shape) != tuple(wanted[k].shape))
-    problems = []
-    if missing:
-        problems.append(f"missing parameters ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected parameters ({len(unexpected)}): {', '.join(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped parameters ({len(misshaped)}): {'; '.join(misshaped)}")
-    if problems:
-        raise ConversionError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
+    check_match(source, missing, unexpected, misshaped, "parameters")

@@ -1,8 +1,8 @@
 """Reading collectives out of compiled HLO text, to check what a sharded program communicates.
 
-The design promise (DESIGN.md, Sharding): parameters may be all-gathered (FSDP), activations never — the batch stays
-split, so e.g. the reference bank's K/V concat is local to each device. :func:`unexpected_all_gathers` lists the
-all-gathers whose operand is not a parameter shard::
+The design promise (docs/architecture.md, "Sharding"): parameters may be all-gathered (FSDP), activations never —
+the batch stays split, so e.g. the reference bank's K/V concat is local to each device.
+:func:`unexpected_all_gathers` lists the all-gathers whose operand is not a parameter shard::
 
     text = jax.jit(f, ...).lower(params, batch).compile().as_text()
     assert unexpected_all_gathers(text, param_piece_shapes(params, mesh)) == []

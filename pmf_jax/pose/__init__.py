@@ -15,7 +15,7 @@ from pmf_jax.pose.keypoints import (
     flip_keypoints,
     select_person,
 )
-from pmf_jax.pose.openpose_json import read_openpose_json, write_openpose_json
+from pmf_jax.pose.openpose_json import read_canvas_size, read_openpose_json, write_openpose_json
 from pmf_jax.pose.render import line_widths_for, render_pose
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "check_keypoints",
     "flip_keypoints",
     "line_widths_for",
+    "read_canvas_size",
     "read_openpose_json",
     "render_pose",
     "select_person",

@@ -42,7 +42,9 @@ _WHERE = (
 )
 
 
-def _controlnet_aux_open_pose():
+def controlnet_aux_open_pose():
+    """The ``controlnet_aux.open_pose`` module (its detector, models and result formats), imported quietly; a
+    PMFInputError naming the extra to install when it is missing."""
     try:
         with warnings.catch_warnings():  # controlnet_aux's package import warns about every optional annotator
             warnings.simplefilter("ignore")
@@ -99,7 +101,7 @@ def load_detector(weights: str | Path | None = None, hands: bool = False, face: 
     device string. Returns the ``OpenposeDetector``.
     """
     files = find_detector_weights(weights, hands=hands, face=face)
-    open_pose = _controlnet_aux_open_pose()
+    open_pose = controlnet_aux_open_pose()
 
     def build(cls, path):
         try:

@@ -1,4 +1,5 @@
-"""A user's target pose -> the skeleton image (and keypoints) at the output size.
+"""A user's target pose -> the skeleton image (and keypoints) at the output size: :func:`resolve_pose`, the one place
+the commands and the pipelines read a pose, by its kind (``constants.POSE_KINDS``).
 
 A target pose comes as an OpenPose JSON file, a keypoint array, a skeleton image (used as is), or a photo / doodled
 stick figure (run through the OpenPose detector). Whatever it is, it is brought to the output canvas with the same
@@ -16,7 +17,6 @@ offset, so an image and its keypoints can never disagree. Missing joints (confid
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,12 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pmf_jax.constants import POSE_KINDS
 from pmf_jax.errors import PMFInputError
 from pmf_jax.pose import detect
 from pmf_jax.pose.align import align_skeleton
 from pmf_jax.pose.keypoints import COLORS, NUM_KEYPOINTS, check_keypoints, select_person
-from pmf_jax.pose.openpose_json import read_openpose_json
+from pmf_jax.pose.openpose_json import read_canvas_size, read_openpose_json
 from pmf_jax.pose.render import line_widths_for, render_pose
 
 FIT_MODES = ("pad", "crop")
@@ -150,16 +151,6 @@ def read_image(path: str | Path, name: str = "image") -> np.ndarray:
         raise PMFInputError(f"{name} {str(path)!r} is not a readable image ({err})") from None
 
 
-def _json_canvas(path: Path) -> tuple[int, int] | None:
-    """``(height, width)`` stored in an OpenPose JSON file (``canvas_height``/``canvas_width``), if any."""
-    data = json.loads(path.read_text())
-    try:
-        height, width = int(data["canvas_height"]), int(data["canvas_width"])
-    except (KeyError, TypeError, ValueError):
-        return None
-    return (height, width) if height > 0 and width > 0 else None
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Skeleton image -> keypoints
 
@@ -216,11 +207,13 @@ def _get_detector(detector, detector_weights, hands: bool, face: bool):
     return detector if detector is not None else detect.load_detector(detector_weights, hands=hands, face=face)
 
 
-def prepare_pose(
-    pose: str | Path | np.ndarray,
+def resolve_pose(
+    pose: str | Path | np.ndarray | Image.Image | PoseCondition,
     size: tuple[int, int],
     fit: str = "pad",
+    pose_kind: str = "auto",
     *,
+    align_to: np.ndarray | None = None,
     pose_size: tuple[int, int] | None = None,
     source_keypoints: np.ndarray | None = None,
     detector: Any = None,
@@ -228,33 +221,59 @@ def prepare_pose(
     hands: bool = False,
     face: bool = False,
 ) -> PoseCondition:
-    """Turns a target pose into its skeleton image (and keypoints) at the output size.
+    """Turns a target pose, read as ``pose_kind`` says, into its skeleton image (and keypoints) at the output size.
 
     Args:
-      pose: an OpenPose ``.json`` path; an image path or uint8 ``[H, W, 3]`` array (a skeleton image is used as is,
-        anything else goes through the OpenPose detector); or float keypoints ``[18, 3]`` / ``[P, 18, 3]``.
+      pose: an OpenPose ``.json`` path; an image path, PIL image or uint8 ``[H, W, 3]`` array (a skeleton image is
+        used as is, anything else goes through the OpenPose detector); float keypoints ``[18, 3]`` / ``[P, 18, 3]``;
+        or a ``PoseCondition`` already of ``size`` (returned as is).
       size: output ``(height, width)``.
       fit: ``"pad"`` or ``"crop"`` (see ``fit_transform``): the same mode the source image is brought to ``size`` with.
+      pose_kind: one of ``constants.POSE_KINDS``: ``"auto"`` as above; ``"image"`` the same for images only;
+        ``"skeleton"`` an image used as the skeleton whatever it looks like (unless it is aligned); ``"keypoints"``
+        OpenPose JSON (or a keypoint array) only.
+      align_to: the source image (uint8 ``[H, W, 3]``, before fitting): the target is re-proportioned to the person in
+        it (``--align-skeleton``); the OpenPose detector finds that person. One detector serves both images.
       pose_size: ``(height, width)`` of the frame a keypoint array / JSON file is in. Default: the JSON file's
         ``canvas_height``/``canvas_width`` if present, else ``size`` (the keypoints are already on the output canvas).
-      source_keypoints: when given, the source person's keypoints *on the output canvas* (see
+      source_keypoints: instead of ``align_to``, the source person's keypoints *on the output canvas* (see
         ``source_keypoints_on_canvas``): the target is re-proportioned to them with ``align_skeleton``.
       detector, detector_weights: a loaded ``OpenposeDetector``, or where to load one from (``load_detector``);
-        needed only when ``pose`` must be detected.
+        needed only when something must be detected.
       hands, face: detect and draw hands / face too (detected poses only).
     Returns:
       ``PoseCondition``.
     Raises:
-      PMFInputError: unreadable input, no person found, or alignment asked for a skeleton image without joints.
+      PMFInputError: an unknown kind or an input of another kind, unreadable input, no person found, or alignment
+        asked for a skeleton image without joints.
     """
+    if pose_kind not in POSE_KINDS:
+        raise PMFInputError(f"pose_kind={pose_kind!r} must be one of {', '.join(POSE_KINDS)}")
     size = (int(size[0]), int(size[1]))
+    if isinstance(pose, PoseCondition):
+        if pose.image.shape[:2] != size:
+            raise PMFInputError(f"pose condition is {pose.image.shape[:2]}, the output size is {size}")
+        return pose
+    _check_kind(pose, pose_kind)
+    if align_to is not None:
+        if source_keypoints is not None:
+            raise PMFInputError("give align_to (the source image) or source_keypoints, not both")
+        detector = _get_detector(detector, detector_weights, hands, face)
+        source_keypoints = source_keypoints_on_canvas(align_to, size, fit, detector=detector)
+    if pose_kind == "skeleton" and source_keypoints is None:
+        from pmf_jax.pipelines.images import load_image
+
+        image = load_image(pose, "pose image")
+        return PoseCondition(fit_transform(image.shape[:2], size, fit).image(image), None, "skeleton")
+    if isinstance(pose, Image.Image):
+        pose = np.asarray(pose.convert("RGB"))
     name = "pose"
     if isinstance(pose, (str, Path)):
         name = f"pose {str(pose)!r}"
         path = Path(pose)
         if path.suffix.lower() == ".json":
             people = read_openpose_json(path)
-            frame = pose_size or _json_canvas(path) or size
+            frame = pose_size or read_canvas_size(path) or size
             return _from_keypoints(people, frame, size, fit, source_keypoints, "json", name)
         pose = read_image(path, "pose image")
     array = np.asarray(pose)
@@ -278,6 +297,18 @@ def prepare_pose(
         return _from_keypoints(found.body, image.shape[:2], size, fit, source_keypoints, "detected", name)
     fitted = transform.detection(found)  # hands / face too
     return PoseCondition(detect.render_detection(fitted), fitted.body, "detected")
+
+
+def _check_kind(pose, pose_kind: str) -> None:
+    """PMFInputError when ``pose`` is not an input of ``pose_kind`` (JSON files are keypoints, not images)."""
+    is_path = isinstance(pose, (str, Path))
+    is_json = is_path and str(pose).lower().endswith(".json")
+    is_keypoints = is_json or (isinstance(pose, np.ndarray) and pose.dtype != np.uint8)
+    what = repr(str(pose)) if is_path else f"a {type(pose).__name__}"
+    if pose_kind == "keypoints" and not is_keypoints:
+        raise PMFInputError(f"pose_kind='keypoints' needs an OpenPose .json file (or a keypoint array), got {what}")
+    if pose_kind in ("image", "skeleton") and is_json:
+        raise PMFInputError(f"pose_kind={pose_kind!r} needs an image file, got {what}")
 
 
 def _from_keypoints(people, frame, size, fit, source_keypoints, kind, name) -> PoseCondition:

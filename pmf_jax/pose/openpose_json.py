@@ -69,6 +69,17 @@ def read_openpose_json(path: str | Path, normalized: bool = False) -> np.ndarray
     return clear_missing(keypoints)
 
 
+def read_canvas_size(path: str | Path) -> tuple[int, int] | None:
+    """``(height, width)`` stored in an OpenPose JSON file (``canvas_height``/``canvas_width``), if any: the frame its
+    pixel coordinates are in. Call after ``read_openpose_json`` (which reports unreadable files)."""
+    data = json.loads(Path(path).read_text())
+    try:
+        height, width = int(data["canvas_height"]), int(data["canvas_width"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (height, width) if height > 0 and width > 0 else None
+
+
 def write_openpose_json(
     path: str | Path, keypoints: np.ndarray, height: int | None = None, width: int | None = None
 ) -> Path:

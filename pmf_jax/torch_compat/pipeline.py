@@ -29,16 +29,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pmf_jax.constants import MODES, SCHEDULER_NAMES, SD15_SCHEDULER_CONFIG
 from pmf_jax.errors import PMFInputError
 from pmf_jax.reference import ReferenceConfig
+from pmf_jax.schedulers import SCHEDULERS
 from pmf_jax.torch_compat.reference_attention import ReferenceState, install_reference_attention
-
-MODES = ("acm", "reference_only", "controlnet_only")
-# Our scheduler names (pmf_jax.schedulers.SCHEDULERS) -> diffusers classes.
-SCHEDULER_CLASSES = {"ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-                     "dpmpp_2m": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}
-SD15_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                 "beta_schedule": "scaled_linear", "steps_offset": 1}
 
 
 class PatchAutoencoder(torch.nn.Module):
@@ -66,12 +61,12 @@ class PatchAutoencoder(torch.nn.Module):
 
 
 def make_scheduler(name: str, config: dict):
-    """A diffusers scheduler by our name ("ddim", "euler", "dpmpp_2m", "unipc", "ddpm") from a scheduler config."""
+    """A diffusers scheduler by our name (one of ``constants.SCHEDULER_NAMES``) from a scheduler config."""
     import diffusers
 
-    if name not in SCHEDULER_CLASSES:
-        raise PMFInputError(f"unknown scheduler {name!r} (choose one of {', '.join(SCHEDULER_CLASSES)})")
-    return getattr(diffusers, SCHEDULER_CLASSES[name]).from_config(config)
+    if name not in SCHEDULER_NAMES:
+        raise PMFInputError(f"unknown scheduler {name!r} (choose one of {', '.join(SCHEDULER_NAMES)})")
+    return getattr(diffusers, SCHEDULERS[name].DIFFUSERS_CLASS).from_config(config)
 
 
 class PMFTorchPipeline:
@@ -140,7 +135,7 @@ class PMFTorchPipeline:
             text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
             tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         path = folder / "scheduler" / "scheduler_config.json"
-        config = json.loads(path.read_text()) if path.is_file() else dict(SD15_SCHEDULE)
+        config = json.loads(path.read_text()) if path.is_file() else dict(SD15_SCHEDULER_CONFIG)
         pipe = cls(unet, cn, make_scheduler(scheduler, config), vae, text_encoder, tokenizer, ref, mode,
                    reference_config_of(pmf))
         return pipe.to(device, torch_dtype)  # loaded in fp32 first: the dtype keyword differs across versions
@@ -310,4 +305,4 @@ class PMFTorchPipeline:
         return bank
 
 
-__all__ = ["MODES", "PMFTorchPipeline", "PatchAutoencoder", "make_scheduler"]
+__all__ = ["PMFTorchPipeline", "PatchAutoencoder", "make_scheduler"]
