@@ -44,9 +44,6 @@ TINY = dict(
     image=64)
 # The token ids of the synthetic tokenizer below (both configs use them).
 _TOKEN_IDS = dict(bos_token_id=53, eos_token_id=54, pad_token_id=54)
-# SD1.5's noise schedule (scheduler/scheduler_config.json without the PNDM-only keys).
-SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                     steps_offset=1)
 
 
 def model_configs(tiny: bool) -> Dict[str, Any]:

@@ -11,7 +11,8 @@ Cases:
     attention processor of ``pmf_jax.torch_compat`` + diffusers ``UniPCMultistepScheduler`` in a Python loop; eager,
     and with ``torch.compile(mode="reduce-overhead")`` on the UNet, reference UNet and ControlNet.
   * ``denoiser``: one denoising step's network work (bank write + ControlNet + UNet on the CFG pair + guidance),
-    ours jitted alone: where the per-step time goes, compared with the same three calls in torch.
+    ours the pipeline's own model function (``RetargetPipeline.model_fn``) jitted alone: where the per-step time
+    goes, compared with the same three calls in torch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import counts  # noqa: E402
 import models  # noqa: E402
+import reporting  # noqa: E402
 
 STEPS, GUIDANCE, PROMPT, NEGATIVE = 20, 7.5, "a person in a red coat", "blurry"
 
@@ -39,73 +42,71 @@ def _inputs(size: int, n: int):
 
 
 class JaxSide:
-    """Our pipeline (built from loaded parts with random weights) and the denoiser call alone."""
+    """Our pipeline (built from loaded parts with random weights) and its model function (one step's guided
+    prediction, :meth:`RetargetPipeline.model_fn`) jitted alone."""
 
     def __init__(self, env, n, steps, tokenizer, source, pose):
         import jax.numpy as jnp
 
-        from pmf_jax.pipelines import RetargetPipeline
-
         cfg, dtype, backend = env.cfg, env.jnp_dtype(), env.args.backend
-        self.env, self.n, self.steps = env, n, steps
+        self.env, self.n, self.steps, self.tokenizer = env, n, steps, tokenizer
         self.parts = {name: models.jax_model(kind, cfg[kind], dtype=dtype, backend=backend, seed=i)
                       for i, (name, kind) in enumerate((("unet", "unet"), ("reference", "unet"),
                                                          ("controlnet", "controlnet"), ("vae", "vae"),
                                                          ("clip", "clip")))}
-        p = self.parts
-        self.pipe = RetargetPipeline(unet=p["unet"], controlnet=p["controlnet"], vae=p["vae"],
-                                     text_encoder=p["clip"], tokenizer=tokenizer, reference_unet=p["reference"],
-                                     mode="acm", scheduler_config=models.SD15_SCHEDULE, compilation_cache=False)
+        self.pipe = self.pipeline()
         self.size = cfg["image"]
         self.source, self.pose = source, pose
+        self.static = self.pipe.make_static((self.size, self.size), num_inference_steps=steps, scheduler="unipc",
+                                            output_type="np")
         self.jnp = jnp
+
+    def pipeline(self, backend=None):
+        """The ACM pipeline over our parts (their modules with attention ``backend`` when given)."""
+        from pmf_jax.constants import SD15_SCHEDULER_CONFIG
+        from pmf_jax.pipelines import RetargetPipeline
+
+        p = {k: ((m.clone(attention_backend=backend) if backend else m), v) for k, (m, v) in self.parts.items()}
+        return RetargetPipeline(unet=p["unet"], controlnet=p["controlnet"], vae=p["vae"], text_encoder=p["clip"],
+                                tokenizer=self.tokenizer, reference_unet=p["reference"], mode="acm",
+                                scheduler_config=SD15_SCHEDULER_CONFIG)
 
     def e2e(self):
         return self.pipe(list(self.source), list(self.pose), prompt=PROMPT, negative_prompt=NEGATIVE,
                          num_inference_steps=self.steps, guidance_scale=GUIDANCE, scheduler="unipc", height=self.size,
                          width=self.size, seed=0, pose_kind="skeleton", output_type="np")
 
-    # ---- one denoiser call, built from the public model API (what RetargetPipeline._model_fn does per step)
+    # ---- one denoiser call: the pipeline's model function (bank write, ControlNet, UNet on the CFG pair, guidance)
     def denoiser_args(self):
         import jax
 
-        jnp, n, cfg = self.jnp, self.n, self.env.cfg
-        dtype = self.env.jnp_dtype()
+        from pmf_jax.pipelines import RetargetBatch
+
+        jnp, n = self.jnp, self.n
         h = self.size // self.parts["vae"][0].downscale_factor
         k = jax.random.split(jax.random.key(5), 4)
-        d = cfg["unet"]["cross_attention_dim"]
+        t_len, d = self.pipe.prompts.context_shape
+        context = jax.random.normal(k[1], (n, 2, t_len, d), jnp.float32)                # rows [u, c] per sample
+        batch = RetargetBatch(seeds=jnp.zeros((n,), jnp.uint32), rows=jnp.arange(n, dtype=jnp.int32),
+                              source=None, pose=jax.random.uniform(k[2], (n, self.size, self.size, 3), jnp.float32),
+                              context=context, ref_context=context[:, 1])
+        scalars = {"guidance": jnp.float32(GUIDANCE), "appearance": jnp.float32(0.0), "control": jnp.float32(1.0)}
         return dict(x=jax.random.normal(k[0], (n, h, h, 4), jnp.float32), t=jnp.asarray(801, jnp.int32),
-                    ctx=jax.random.normal(k[1], (2 * n, 77, d), dtype),
-                    pose=jax.random.uniform(k[2], (2 * n, self.size, self.size, 3), jnp.float32),
-                    ref_latents=jax.random.normal(k[3], (n, h, h, 4), jnp.float32))
+                    batch=batch, scalars=scalars, ref_latents=jax.random.normal(k[3], (n, h, h, 4), jnp.float32))
 
     def denoiser_fn(self, backend=None):
         import jax
 
-        from pmf_jax.reference import ReferenceConfig
-
-        jnp = self.jnp
-        unet, cn, ref = (self.parts[k][0] for k in ("unet", "controlnet", "reference"))
-        if backend:
-            unet, cn, ref = (m.clone(attention_backend=backend) for m in (unet, cn, ref))
+        pipe, static = (self.pipeline(backend) if backend else self.pipe), self.static
 
         def fn(params, a):
-            n = a["x"].shape[0]
-            bank = ref.apply({"params": params["reference"]}, a["ref_latents"], jnp.full((n,), a["t"]),
-                             a["ctx"][1::2], method=ref.write_reference)
-            bank = jax.tree_util.tree_map(lambda b: jnp.repeat(b, 2, axis=0), bank)      # [2N, L, C]
-            xg = jnp.repeat(a["x"], 2, axis=0)                                            # rows [u, c] per sample
-            down, mid = cn.apply({"params": params["controlnet"]}, xg, a["t"], a["ctx"], a["pose"])
-            eps = unet.apply({"params": params["unet"]}, xg, a["t"], a["ctx"], down_block_additional_residuals=down,
-                             mid_block_additional_residual=mid, reference=bank, reference_config=ReferenceConfig(),
-                             uncond_mask=jnp.tile(jnp.array([1.0, 0.0]), n)).astype(jnp.float32)
-            u, c = eps[0::2], eps[1::2]
-            return u + GUIDANCE * (c - u)
+            return pipe.model_fn(static, params, a["batch"], a["scalars"], {"ref_latents": a["ref_latents"]},
+                                 a["x"], a["t"])
 
         return jax.jit(fn)
 
     def params(self):
-        return {k: self.parts[k][1] for k in ("unet", "controlnet", "reference")}
+        return {k: self.pipe.params[k] for k in ("unet", "controlnet", "reference")}
 
     def e2e_flops(self, step_flops):
         """Text encoding of the 2N prompts + VAE encode + one denoiser call per step + VAE decode (XLA cost analysis of
@@ -122,10 +123,10 @@ class JaxSide:
         ids = jax.ShapeDtypeStruct((2 * n, 77), jnp.int32)                        # shapes only: nothing runs
         img = jax.ShapeDtypeStruct((n, self.size, self.size, 3), dtype)
         lat = jax.ShapeDtypeStruct((n, h, h, 4), dtype)
-        text = common.lowered_flops(jax.jit(lambda p, i: clip_x.apply({"params": p}, i)).lower(clip_p, ids))
-        enc = common.lowered_flops(jax.jit(lambda p, x: vae_x.apply({"params": p}, x, method=vae_x.encode)).lower(
+        text = counts.lowered_flops(jax.jit(lambda p, i: clip_x.apply({"params": p}, i)).lower(clip_p, ids))
+        enc = counts.lowered_flops(jax.jit(lambda p, x: vae_x.apply({"params": p}, x, method=vae_x.encode)).lower(
             vae_p, img))
-        dec = common.lowered_flops(jax.jit(lambda p, z: vae_x.apply({"params": p}, z, method=vae_x.decode)).lower(
+        dec = counts.lowered_flops(jax.jit(lambda p, z: vae_x.apply({"params": p}, z, method=vae_x.decode)).lower(
             vae_p, lat))
         return text + enc + dec + self.steps * step_flops
 
@@ -137,6 +138,7 @@ class TorchSide:
         import diffusers
         import torch
 
+        from pmf_jax.constants import SD15_SCHEDULER_CONFIG
         from pmf_jax.reference import ReferenceConfig
         from pmf_jax.torch_compat.reference_attention import ReferenceState, install_reference_attention
 
@@ -150,7 +152,7 @@ class TorchSide:
         for model in (self.ref_unet, self.controlnet, self.unet):
             install_reference_attention(model, self.state)
         self.config = ReferenceConfig()
-        self.scheduler = diffusers.UniPCMultistepScheduler(**models.SD15_SCHEDULE)
+        self.scheduler = diffusers.UniPCMultistepScheduler(**SD15_SCHEDULER_CONFIG)
         self.source_u8, self.pose_u8 = source, pose
         self.eager_nets = (self.ref_unet, self.controlnet, self.unet)
         self.uncond_mask = torch.tensor([1.0, 0.0] * n)
@@ -232,7 +234,7 @@ def main(argv=None) -> dict:
     e2e_case = f"e2e retarget {n}x{size}x{size}, {steps} UniPC steps, ACM, CFG"
     step_case = f"denoiser call (bank write + ControlNet + UNet, CFG pair) x{n}"
     cases = (e2e_case, step_case)
-    report = common.Report("retarget", env, cases, {
+    report = reporting.Report("retarget", env, cases, {
         "e2e": e2e_case, "denoiser": step_case, "steps": steps, "guidance_scale": GUIDANCE, "mode": "acm",
         "reference": "ReferenceConfig() defaults", "models": {k: env.cfg[k] for k in ("unet", "controlnet", "vae",
                                                                                       "clip")}})
@@ -245,14 +247,14 @@ def main(argv=None) -> dict:
         params, dargs = side.params(), side.denoiser_args()
         common.log("pmf_jax: pipeline built; compiling the denoiser call (the pipeline compiles in its warm-up)")
         denoiser = side.denoiser_fn().lower(params, dargs).compile()
-        step_flops = common.program_flops(denoiser, None if common.uses_xla_attention(env) else (
+        step_flops = counts.program_flops(denoiser, None if counts.uses_xla_attention(env) else (
             lambda: side.denoiser_fn("xla").lower(params, dargs)))
         return [common.Runner(e2e_case, common.OURS, side.e2e, lambda out: out, warmup=args.warmup,
-                              flops=side.e2e_flops(step_flops), peak_after=common.jax_device_peak_bytes,
+                              flops=side.e2e_flops(step_flops), peak_after=counts.jax_device_peak_bytes,
                               peak_source="device peak_bytes_in_use",
                               note=f"RetargetPipeline, attention {args.backend}"),
                 common.Runner(step_case, common.OURS, lambda: denoiser(params, dargs), common.jax_sync,
-                              warmup=args.warmup, flops=step_flops, peak_bytes=common.compiled_peak_bytes(denoiser),
+                              warmup=args.warmup, flops=step_flops, peak_bytes=counts.compiled_peak_bytes(denoiser),
                               peak_source="memory_analysis")]
 
     peer = {}
@@ -280,7 +282,7 @@ def main(argv=None) -> dict:
     if env.compile:
         peers.append((cases, "torch.compile", lambda: torch_runners("torch.compile", True)))
     else:
-        common.skip_compile_rows(report, env, cases)
+        reporting.skip_compile_rows(report, env, cases)
     common.run_all(report, env, [(cases, common.OURS, ours)], peers, release_peers=peer.clear)
     return report.finish()
 

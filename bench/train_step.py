@@ -22,7 +22,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import counts  # noqa: E402
 import models  # noqa: E402
+import reporting  # noqa: E402
 
 REFERENCE_DROP = 0.05
 
@@ -40,9 +42,10 @@ def ours(env, case, batch_size):
     import jax
     import jax.numpy as jnp
 
+    from pmf_jax.constants import SD15_NOISE_SCHEDULE
     from pmf_jax.reference import ReferenceConfig
     from pmf_jax.schedulers import make_scheduler
-    from pmf_jax.training.components import DEFAULT_NOISE_SCHEDULE, Components
+    from pmf_jax.training.components import Components
     from pmf_jax.training.state import bind_step, init_state, make_optimizer
 
     args, cfg, dtype = env.args, env.cfg, env.jnp_dtype()
@@ -56,7 +59,7 @@ def ours(env, case, batch_size):
 
     def components(unet_module, cn_module):
         return Components(unet=unet_module, reference_unet=unet_module, controlnet=cn_module, autoencoder=vae,
-                          noise_scheduler=make_scheduler("ddpm", DEFAULT_NOISE_SCHEDULE),
+                          noise_scheduler=make_scheduler("ddpm", SD15_NOISE_SCHEDULE),
                           trainable=("reference_unet", "controlnet"),
                           context_shape=(77, cfg["unet"]["cross_attention_dim"]))
 
@@ -78,10 +81,10 @@ def ours(env, case, batch_size):
     common.log("pmf_jax: models and state built; compiling the step")
     compiled = jitted(unet, controlnet).lower(state, frozen_params, frozen, batch).compile()
     common.log("pmf_jax: compiled")
-    xla_lowering = None if common.uses_xla_attention(env) else (
+    xla_lowering = None if counts.uses_xla_attention(env) else (
         lambda: jitted(unet.clone(attention_backend="xla"), controlnet.clone(attention_backend="xla")).lower(
             state, frozen_params, frozen, batch))
-    flops = common.program_flops(compiled, xla_lowering)
+    flops = counts.program_flops(compiled, xla_lowering)
     holder = {"state": state}
 
     def step():
@@ -90,7 +93,7 @@ def ours(env, case, batch_size):
 
     trainable = models.param_count(state.params) / 1e6
     return [common.Runner(case, common.OURS, step, common.jax_sync, warmup=args.warmup, flops=flops,
-                          peak_bytes=common.compiled_peak_bytes(compiled), peak_source="memory_analysis",
+                          peak_bytes=counts.compiled_peak_bytes(compiled), peak_source="memory_analysis",
                           note=f"attention {backend}, {trainable:.2f}M trainable params")]
 
 
@@ -101,9 +104,9 @@ class TorchStep:
         import diffusers
         import torch
 
+        from pmf_jax.constants import SD15_NOISE_SCHEDULE
         from pmf_jax.reference import ReferenceConfig
         from pmf_jax.torch_compat.reference_attention import ReferenceState, install_reference_attention
-        from pmf_jax.training.components import DEFAULT_NOISE_SCHEDULE
 
         cfg, device, dtype = env.cfg, env.torch_device, env.torch_dtype()
         self.device, self.dtype, self.b = device, dtype, batch_size
@@ -117,7 +120,7 @@ class TorchStep:
         for model in (self.ref_unet, self.controlnet, self.unet):
             install_reference_attention(model, self.state)
         self.reference_config = ReferenceConfig()
-        self.noise_scheduler = diffusers.DDPMScheduler(**DEFAULT_NOISE_SCHEDULE)
+        self.noise_scheduler = diffusers.DDPMScheduler(**SD15_NOISE_SCHEDULE)
         self.params = list(self.ref_unet.parameters()) + list(self.controlnet.parameters())
         tc = _train_config()
         self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay,
@@ -185,7 +188,7 @@ def main(argv=None) -> dict:
     batch_size = args.batch or (2 if env.tiny else 8)
     size = env.cfg["image"]
     case = f"PMF stage-2 train step b{batch_size} @{size}x{size}"
-    report = common.Report("train_step", env, [case], {
+    report = reporting.Report("train_step", env, [case], {
         "case": case, "trainable": ["reference_unet", "controlnet"], "frozen": ["unet", "vae"],
         "optimizer": "AdamW + clip 1.0", "reference_drop": REFERENCE_DROP,
         "models": {k: env.cfg[k] for k in ("unet", "controlnet", "vae")}})
@@ -209,7 +212,7 @@ def main(argv=None) -> dict:
 
         peers.append((case, "torch.compile", compiled))
     else:
-        common.skip_compile_rows(report, env, [case])
+        reporting.skip_compile_rows(report, env, [case])
     common.run_all(report, env, [(case, common.OURS, lambda: ours(env, case, batch_size))], peers,
                    release_peers=peer.clear)
     return report.finish()

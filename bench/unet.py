@@ -17,7 +17,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import counts  # noqa: E402
 import models  # noqa: E402
+import reporting  # noqa: E402
 
 TINY_LATENT, FULL_LATENT = 16, 64
 TIMESTEP = 500
@@ -39,11 +41,11 @@ def ours(env, case, b, size):
 
     common.log("pmf_jax: model built; compiling")
     compiled = forward(unet).lower(params, x, t, ctx).compile()
-    xla_lowering = None if common.uses_xla_attention(env) else (
+    xla_lowering = None if counts.uses_xla_attention(env) else (
         lambda: forward(unet.clone(attention_backend="xla")).lower(params, x, t, ctx))
     return [common.Runner(case, common.OURS, lambda: compiled(params, x, t, ctx), common.jax_sync,
-                          warmup=env.args.warmup, flops=common.program_flops(compiled, xla_lowering),
-                          peak_bytes=common.compiled_peak_bytes(compiled), peak_source="memory_analysis",
+                          warmup=env.args.warmup, flops=counts.program_flops(compiled, xla_lowering),
+                          peak_bytes=counts.compiled_peak_bytes(compiled), peak_source="memory_analysis",
                           note=f"attention {env.args.backend}, {models.param_count(params) / 1e6:.2f}M params")]
 
 
@@ -88,7 +90,7 @@ def main(argv=None) -> dict:
     env = common.setup(args)
     b, size = args.batch, TINY_LATENT if env.tiny else FULL_LATENT
     case = f"unet fwd b{b} latent {size}x{size}"
-    report = common.Report("unet", env, [case], {"case": case, "unet": env.cfg["unet"], "context_tokens": 77})
+    report = reporting.Report("unet", env, [case], {"case": case, "unet": env.cfg["unet"], "context_tokens": 77})
     common.log(f"{case} on {env.platform}, {env.dtype}")
 
     peer = {}
@@ -104,7 +106,7 @@ def main(argv=None) -> dict:
         peers.append((case, "torch.compile", lambda: [common.torch_runner(
             env, case, "torch.compile", get_peer().compiled_call(), compiled=True)]))
     else:
-        common.skip_compile_rows(report, env, [case])
+        reporting.skip_compile_rows(report, env, [case])
     common.run_all(report, env, [(case, common.OURS, lambda: ours(env, case, b, size))], peers,
                    release_peers=peer.clear)
     return report.finish()

@@ -4,6 +4,9 @@ A subcommand module exports ``add_parser(subparsers)`` (adds its argparse sub-pa
 (the exit status); register it in :data:`COMMANDS`. Modules keep their heavy imports (JAX, models) inside ``run``,
 so ``pmf X --help`` and input errors answer at once. A :class:`~pmf_jax.errors.PMFInputError` anywhere becomes one
 line ``error: ...`` on stderr and exit status 2, without a traceback.
+
+Before a command runs, :func:`pmf_jax.runtime.setup` sets the process-wide state (the persistent compilation cache
+for the commands that compile sampling programs: :func:`pmf_jax.commands.options.compilation_cache`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from pmf_jax import __version__
+from pmf_jax import __version__, runtime
+from pmf_jax.commands import options
 from pmf_jax.errors import PMFInputError
 
 # name -> module (imported when the parser is built; imports must stay light)
@@ -47,6 +51,7 @@ def one_line(message: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        runtime.setup(options.compilation_cache(args))
         return int(importlib.import_module(COMMANDS[args.command]).run(args) or 0)
     except PMFInputError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)

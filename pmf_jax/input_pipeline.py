@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import sys
 from pathlib import Path
 
 import cv2
@@ -26,16 +25,16 @@ from absl import flags as absl_flags
 from pmf_jax.errors import PMFInputError
 from pmf_jax.pose.keypoints import affine_keypoints, flip_keypoints
 from pmf_jax.pose.render import line_widths_for, render_pose
+from pmf_jax.runtime import BUILDERS_DIR
 
 # Dataset name -> builder module, importable with BUILDERS_DIR on sys.path (`tfds build data/<name>` imports the same
-# module name, so both register one class).
+# module name, so both register one class). Entry points put it there (pmf_jax.runtime.setup).
 DATASETS = {
     "deepfashion_pairs": "deepfashion_pairs.deepfashion_pairs_dataset_builder",
     "tiktok_pairs": "tiktok_pairs.tiktok_pairs_dataset_builder",
     "synthetic_pairs": "synthetic_pairs.synthetic_pairs_dataset_builder",
 }
-# The repository's data/ folder (builders are not installed; run from a checkout).
-BUILDERS_DIR = Path(__file__).resolve().parent.parent / "data"
+SETUP_HINT = "call pmf_jax.runtime.setup() first (the pmf and python -m train entry points do)"
 
 CROP_SCALE = (0.9, 1.0)  # side length of the random crop, as a fraction of the stored image's
 FLIP_PROB = 0.5
@@ -45,14 +44,19 @@ FLIP_PROB = 0.5
 # Builders
 # ----------------------------------------------------------------------------------------------------------------
 def builder_class(name: str):
-    """The TFDS builder class of a dataset in DATASETS (imported from BUILDERS_DIR)."""
+    """The TFDS builder class of a dataset in DATASETS (imported from BUILDERS_DIR, which must be on ``sys.path``:
+    :func:`pmf_jax.runtime.setup`)."""
     if name not in DATASETS:
         raise PMFInputError(f"dataset {name!r} is unknown; known datasets: {', '.join(DATASETS)}")
     if not (BUILDERS_DIR / name).is_dir():
         raise PMFInputError(f"dataset {name!r}: builder folder {BUILDERS_DIR / name} not found (run from a checkout)")
-    if str(BUILDERS_DIR) not in sys.path:
-        sys.path.insert(0, str(BUILDERS_DIR))
-    return importlib.import_module(DATASETS[name]).Builder
+    try:
+        return importlib.import_module(DATASETS[name]).Builder
+    except ModuleNotFoundError as err:
+        if err.name not in (name, "pairs_common"):
+            raise
+        message = f"dataset {name!r}: the builders in {BUILDERS_DIR} are not importable; {SETUP_HINT}"
+        raise PMFInputError(message) from None
 
 
 def builder(name: str, data_dir: str | Path, config=None, **builder_kwargs):
@@ -271,9 +275,8 @@ def make_loader(
     if not 0 <= shard_index < shard_count:
         raise PMFInputError(f"shard_index {shard_index} is not in [0, shard_count={shard_count})")
     source = data_source(dataset_name, split, data_dir, config)
-    if worker_count and not absl_flags.FLAGS.is_parsed():
-        # grain's worker processes read its absl flags; programs that do not use absl get the defaults.
-        absl_flags.FLAGS.mark_as_parsed()
+    if worker_count and not absl_flags.FLAGS.is_parsed():  # grain's worker processes read its absl flags
+        raise PMFInputError(f"worker_count={worker_count}: absl flags are not parsed; {SETUP_HINT}")
     # The sampler orders the whole split; the DataLoader's sharding gives host k the positions k, k + n, k + 2n, ...
     sampler = grain.samplers.IndexSampler(
         num_records=len(source),

@@ -11,7 +11,7 @@ from pmf_jax.errors import PMFInputError
 from pmf_jax.models.identity_vae import IdentityAutoencoder
 from pmf_jax.pipelines import RetargetPipeline
 from pmf_jax.pipelines.common import vae_decode, vae_encode
-from pmf_jax.reference import ReferenceConfig
+from pmf_jax.reference import ReferenceConfig, ReferenceRead
 from pmf_jax.schedulers import make_scheduler
 
 SIZE, CTX = 16, 8
@@ -76,8 +76,8 @@ def reference_step(models, sources, poses, x, config, guidance):
     def guided_eps(xn, pose_n, source_n):
         bank = ref.apply({"params": p_ref}, source_n * 2 - 1, jnp.zeros(1, jnp.int32), ctx, method=ref.write_reference)
         down, mid = cn.apply({"params": p_cn}, xn, t, ctx, pose_n)
-        u, c = (unet.apply({"params": p_unet}, xn, t, ctx, down, mid, reference=bank, reference_config=config,
-                           uncond_mask=jnp.array([flag])) for flag in (1.0, 0.0))
+        u, c = (unet.apply({"params": p_unet}, xn, t, ctx, down, mid, reference=ReferenceRead.build(bank, config, 1,
+                                                                  uncond_mask=jnp.array([flag]))) for flag in (1.0, 0.0))
         return u + guidance * (c - u)
 
     eps = [guided_eps(x[n:n + 1], poses[n:n + 1] / 255.0, sources[n:n + 1] / 255.0) for n in range(len(x))]
@@ -96,7 +96,7 @@ def pixel_inputs(n, seed=0):
 
 def test_pixel_space_prompt_free_step_matches_modules(pixel_models):
     pipe = RetargetPipeline(*pixel_models[:2], vae=None, text_encoder=None, reference_unet=pixel_models[2],
-                            mode="acm", scheduler_config=SCHEDULE, compilation_cache=False)
+                            mode="acm", scheduler_config=SCHEDULE)
     sources, poses, x = pixel_inputs(2)
     config = ReferenceConfig(style_fidelity=0.5, reference_timestep="zero")
     kw = dict(num_inference_steps=1, guidance_scale=3.0, scheduler="ddim", num_images=2, reference_config=config,
@@ -116,8 +116,7 @@ def test_pixel_space_prompt_free_step_matches_modules(pixel_models):
 def test_fixed_context_for_prompt_free_models(pixel_models):
     (unet, p_unet), (cn, p_cn), _ = pixel_models
     context = np.random.default_rng(1).standard_normal((1, 3, CTX)).astype(np.float32)
-    pipe = RetargetPipeline((unet, p_unet), (cn, p_cn), mode="controlnet_only", context=context,
-                            compilation_cache=False)
+    pipe = RetargetPipeline((unet, p_unet), (cn, p_cn), mode="controlnet_only", context=context)
     np.testing.assert_array_equal(pipe.prompts(["", ""]), np.repeat(context, 2, axis=0))
-    zeros = RetargetPipeline((unet, p_unet), (cn, p_cn), mode="controlnet_only", compilation_cache=False)
+    zeros = RetargetPipeline((unet, p_unet), (cn, p_cn), mode="controlnet_only")
     assert zeros.prompts([""]).shape == (1, 1, CTX) and not zeros.prompts([""]).any()

@@ -171,3 +171,22 @@ def test_bad_arguments_are_input_errors(data_dir, tmp_path):
         input_pipeline.make_loader("synthetic_pairs", "train", tmp_path, 2, 64, config="tiny")
     with pytest.raises(PMFInputError, match="no config 'huge'; configs: 64, 128, 256, tiny"):
         input_pipeline.build("synthetic_pairs", tmp_path, config="huge")
+
+
+def test_the_builders_and_grain_workers_need_the_runtime_setup(data_dir, monkeypatch):
+    """The library puts nothing on sys.path and parses no flags: entry points call pmf_jax.runtime.setup."""
+    from absl import flags
+
+    from pmf_jax import runtime
+
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(runtime.BUILDERS_DIR)])
+    for name in [m for m in sys.modules if m.split(".")[0] in ("synthetic_pairs", "pairs_common")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(PMFInputError, match="runtime.setup"):
+        input_pipeline.builder_class("synthetic_pairs")
+    flags.FLAGS.unparse_flags()
+    try:
+        with pytest.raises(PMFInputError, match="runtime.setup"):
+            loader(data_dir, worker_count=1)
+    finally:
+        runtime.mark_absl_flags_parsed()

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from compile_counter import CompileCounter
 from parity import rel_err, to_nchw, to_nhwc
 from pmf_jax.commands import options
 from pmf_jax.errors import PMFInputError
@@ -44,8 +45,7 @@ def test_controlnet_only_step_matches_diffusers(tiny_sd):
         want = to_nhwc(torch_pipe("a man", image=Image.open(tiny_sd.pose), negative_prompt="an", num_inference_steps=1,
                                   guidance_scale=7.5, controlnet_conditioning_scale=0.8, height=64, width=64,
                                   num_images_per_prompt=2, latents=to_nchw(latents), output_type="latent").images)
-    pipe = RetargetPipeline.from_pretrained(tiny_sd.sd, controlnet=tiny_sd.controlnet, mode="controlnet_only",
-                                            compilation_cache=False)
+    pipe = RetargetPipeline.from_pretrained(tiny_sd.sd, controlnet=tiny_sd.controlnet, mode="controlnet_only")
     pipe.scheduler_config["timestep_spacing"] = "trailing"
     got = pipe(tiny_sd.source, tiny_sd.pose, prompt="a man", negative_prompt="an", num_inference_steps=1,
                guidance_scale=7.5, controlnet_conditioning_scale=0.8, scheduler="ddim", height=64, width=64,
@@ -65,7 +65,7 @@ def test_enhance_step_matches_diffusers(tiny_sd):
     with torch.no_grad():
         want = to_nhwc(torch_pipe("make it blue", image=source, num_inference_steps=1, guidance_scale=7.5,
                                   image_guidance_scale=1.5, latents=to_nchw(latents), output_type="latent").images)
-    pipe = EnhancePipeline.from_pretrained(tiny_sd.ip2p, compilation_cache=False)
+    pipe = EnhancePipeline.from_pretrained(tiny_sd.ip2p)
     pipe.scheduler_config["timestep_spacing"] = "trailing"
     got = pipe(source, "make it blue", num_inference_steps=1, guidance_scale=7.5, image_guidance_scale=1.5,
                scheduler="ddim", latents=latents, height=64, width=64, output_type="latent")
@@ -74,32 +74,16 @@ def test_enhance_step_matches_diffusers(tiny_sd):
     assert err <= TOL
 
 
-class _CompileCounter:
-    """Counts XLA backend compilations (every jit, not only the pipelines') inside a ``with`` block."""
-
-    def __enter__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
-        return self
-
-    def __exit__(self, *_):
-        jax.monitoring.unregister_event_duration_listener(self._listen)
-
-    def _listen(self, event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-
 def test_acm_guidance_and_seed_do_not_recompile_and_are_deterministic(tiny_sd):
     pipe = RetargetPipeline.from_pretrained(tiny_sd.sd, controlnet=tiny_sd.controlnet,
-                                            reference_unet=tiny_sd.reference_unet, mode="acm", compilation_cache=False)
+                                            reference_unet=tiny_sd.reference_unet, mode="acm")
     kw = dict(num_inference_steps=2, height=64, width=64, num_images=2, output_type="np")
     first = pipe(tiny_sd.source, tiny_sd.pose, prompt="a man", seed=0, guidance_scale=7.5,
                  appearance_guidance_scale=2.0, **kw)
     assert first.shape == (2, 64, 64, 3) and first.dtype == np.float32
     programs = pipe.compiled_programs()
     assert programs == 3  # prologue, loop, epilogue
-    with _CompileCounter() as counter:
+    with CompileCounter() as counter:
         other = pipe(tiny_sd.source, tiny_sd.pose, prompt="a woman", negative_prompt="an", seed=1,
                      guidance_scale=3.0, appearance_guidance_scale=1.5, controlnet_conditioning_scale=0.5, **kw)
         no_reference = pipe(tiny_sd.source, tiny_sd.pose, prompt="a man", seed=0, guidance_scale=7.5,
@@ -125,16 +109,16 @@ def test_pipeline_argument_errors(tiny_sd):
 
     unet, cn = from_pretrained(tiny_sd.sd, "unet"), from_pretrained(tiny_sd.controlnet)
     with pytest.raises(PMFInputError, match="needs a reference UNet"):
-        RetargetPipeline(unet, cn, mode="acm", compilation_cache=False)
+        RetargetPipeline(unet, cn, mode="acm")
     with pytest.raises(PMFInputError, match="mode="):
-        RetargetPipeline(unet, cn, mode="nope", compilation_cache=False)
+        RetargetPipeline(unet, cn, mode="nope")
     with pytest.raises(PMFInputError, match="acm"):
         RetargetPipeline.from_pretrained(tiny_sd.sd, controlnet=tiny_sd.controlnet, mode="acm")
     with pytest.raises(PMFInputError, match="ControlNetModel"):
         RetargetPipeline.from_pretrained(tiny_sd.sd, controlnet=tiny_sd.reference_unet, mode="controlnet_only")
     with pytest.raises(PMFInputError, match="in_channels must be"):
-        EnhancePipeline(unet, compilation_cache=False)
-    pipe = RetargetPipeline(unet, cn, mode="controlnet_only", compilation_cache=False)  # no VAE, no text encoder
+        EnhancePipeline(unet)
+    pipe = RetargetPipeline(unet, cn, mode="controlnet_only")  # no VAE, no text encoder
     args = (tiny_sd.source, tiny_sd.pose)
     with pytest.raises(PMFInputError, match="no text encoder"):
         pipe(*args, prompt="a man", height=64, width=64)
@@ -148,6 +132,52 @@ def test_pipeline_argument_errors(tiny_sd):
         pipe(*args, scheduler="pndm", height=64, width=64)
     with pytest.raises(PMFInputError, match="seed"):
         pipe(*args, seed=-1, height=64, width=64)
+
+
+def test_building_pipelines_leaves_the_compilation_cache_alone(tiny_sd):
+    """Library constructors change no global state: only entry points (pmf_jax.runtime.setup) turn the persistent
+    compilation cache on."""
+    before = jax.config.jax_compilation_cache_dir
+    RetargetPipeline.from_pretrained(tiny_sd.sd, controlnet=tiny_sd.controlnet, mode="controlnet_only")
+    EnhancePipeline.from_pretrained(tiny_sd.ip2p)
+    assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_abstract_inputs_are_the_batch_a_call_builds(tiny_sd, monkeypatch):
+    """What an ahead-of-time compile (pmf scaling) lowers with is what a call hands the programs."""
+    pipe = RetargetPipeline.from_pretrained(tiny_sd.sd, controlnet=tiny_sd.controlnet,
+                                            reference_unet=tiny_sd.reference_unet, mode="acm")
+    seen = {}
+
+    def capture(static, batch, scalars, **_):  # records the call instead of running it
+        seen.update(static=static, batch=batch, scalars=scalars)
+        return np.zeros((2, 64, 64, 3), np.float32)
+
+    monkeypatch.setattr(pipe, "run_programs", capture)
+    shapes = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), np.dtype(x.dtype)), tree)  # noqa: E731
+    for appearance, rows in ((None, 2), (2.0, 3)):
+        pipe(tiny_sd.source, tiny_sd.pose, prompt="a man", num_images=2, height=64, width=64,
+             appearance_guidance_scale=appearance, output_type="np")
+        assert seen["static"].rows == rows
+        batch, scalars = pipe.abstract_inputs(seen["static"], 2)
+        assert shapes(batch) == shapes(seen["batch"]) and shapes(scalars) == shapes(seen["scalars"])
+
+
+def test_pipeline_from_run_on_a_config_with_model_folders(tiny_sd):
+    from pmf_jax.config import load_config
+    from pmf_jax.pipelines import pipeline_from_run
+
+    folders = [f"model.base={tiny_sd.sd}", f"model.controlnet={tiny_sd.controlnet}", "model.dtype=float32"]
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa
+    pipe = pipeline_from_run(load_config(None, folders))  # reference.mode acm, model.reference_unet null
+    assert pipe.mode == "acm" and same(pipe.params["reference"], pipe.params["unet"])  # the untrained ACM
+    trained = pipeline_from_run(load_config(None, folders + [f"model.reference_unet={tiny_sd.reference_unet}"]))
+    assert not same(trained.params["reference"], trained.params["unet"])
+    own = pipeline_from_run(load_config(None, folders + ["reference.mode=reference_only"]))
+    assert own.mode == "reference_only" and "reference" not in own.params  # the denoising UNet writes its bank
+    assert pipeline_from_run(load_config(None, folders), mode="controlnet_only").mode == "controlnet_only"
+    with pytest.raises(PMFInputError, match="ControlNet"):
+        pipeline_from_run(load_config(None, folders + ["model.controlnet=null"]))
 
 
 def test_guidance_formula():
@@ -178,7 +208,7 @@ def test_pose_inputs(tiny_sd):
     from pmf_jax.io import from_pretrained
 
     pipe = RetargetPipeline(from_pretrained(tiny_sd.sd, "unet"), from_pretrained(tiny_sd.controlnet),
-                            vae=from_pretrained(tiny_sd.sd, "vae"), mode="controlnet_only", compilation_cache=False)
+                            vae=from_pretrained(tiny_sd.sd, "vae"), mode="controlnet_only")
     skeleton = np.asarray(Image.open(tiny_sd.pose))
     for pose in (tiny_sd.pose, tiny_sd.pose_json, KEYPOINTS, Image.open(tiny_sd.pose)):
         source, drawn = pipe.prepare_inputs(tiny_sd.source, pose, 64, 64)
@@ -199,9 +229,11 @@ def test_pose_inputs(tiny_sd):
 
 
 def test_cli_literals_match_the_libraries():
+    from pmf_jax import constants
     from pmf_jax.commands import retarget
     from pmf_jax.models.attention import BACKENDS
 
-    assert options.SCHEDULER_NAMES == tuple(SCHEDULERS)
+    assert constants.SCHEDULER_NAMES == tuple(SCHEDULERS)
     assert retarget.MODES == MODES
-    assert set(options.ATTENTION_BACKENDS) == set(BACKENDS)
+    assert set(constants.ATTENTION_BACKENDS) == set(BACKENDS)
+    assert options.DTYPES[1:] == constants.DTYPES

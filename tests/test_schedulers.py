@@ -206,6 +206,22 @@ def test_ddpm_sampling_with_key_is_reproducible():
         s.step(s.init_state(10, x_T), x_T, x_T)
 
 
+def test_sample_draws_step_noise_as_the_pipelines_do():
+    """One noise convention: sample(key=key(s)) gives image b the key fold_in(key(s), b) and draws step i from its
+    stream 1 + i, as a pipeline call with seed s does (pmf_jax.schedulers.noise)."""
+    from pmf_jax.schedulers import noise
+
+    s = make_scheduler("ddpm", SD15)
+    model = lambda x, t: toy_model(x, t.astype(jnp.float32), jnp)  # noqa: E731
+    x_T = jax.random.normal(jax.random.key(0), (3, 2, 2, 1))
+    keys = noise.row_keys(jnp.full((3,), 7, jnp.uint32), jnp.arange(3, dtype=jnp.int32))
+    steps = jnp.stack([noise.row_normal(keys, noise.step_stream(i), x_T.shape[1:]) for i in range(10)])
+    want = s.sample(model, x_T, 10, noise=steps)
+    np.testing.assert_allclose(s.sample(model, x_T, 10, key=jax.random.key(7)), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(s.sample(model, x_T, 10, key=keys), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(s.sample(model, x_T, 10, key=jax.random.PRNGKey(7)), want, rtol=1e-6, atol=1e-6)
+
+
 def test_add_noise_velocity_snr_match_diffusers():
     config = {**SD15, "num_train_timesteps": 1000}
     ref = diffusers.DDPMScheduler.from_config(config)

@@ -47,7 +47,7 @@ def _torch(pipe, inputs, steps, **kwargs):
 
 def _pair(export, mode, one_step: bool):
     jax_pipe = RetargetPipeline.from_pretrained(export, controlnet=export, reference_unet=export if mode == "acm"
-                                                else None, mode=mode, compilation_cache=False)
+                                                else None, mode=mode)
     torch_pipe = PMFTorchPipeline.from_pretrained(export, mode=mode)
     if one_step:
         jax_pipe.scheduler_config.update(ONE_STEP)
@@ -130,14 +130,14 @@ def test_jax_pipeline_takes_the_exports_parts_and_settings(tiny_export, inputs, 
     assert config["mode"] == "acm"
     trained = dict(config["reference"], fusion_blocks="midup", style_fidelity=0.5)
     (export / "pmf_config.json").write_text(json.dumps(dict(config, reference=trained)))
-    pipe = RetargetPipeline.from_pretrained(export, compilation_cache=False)
+    pipe = RetargetPipeline.from_pretrained(export)
     assert pipe.mode == "acm" and pipe.reference_config == ReferenceConfig(**trained)
     explicit, _ = _pair(tiny_export, "acm", one_step=False)
     ours = _jax(pipe, inputs, 2, output_type="latent")
     np.testing.assert_array_equal(ours, _jax(explicit, inputs, 2, output_type="latent",
                                              reference_config=ReferenceConfig(**trained)))
     assert rel_err(ours, _jax(explicit, inputs, 2, output_type="latent")) > 1e-3  # the defaults differ
-    assert RetargetPipeline.from_pretrained(export, mode="controlnet_only", compilation_cache=False).mode == \
+    assert RetargetPipeline.from_pretrained(export, mode="controlnet_only").mode == \
         "controlnet_only"
 
 

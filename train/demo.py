@@ -73,10 +73,11 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
-    from pmf_jax import input_pipeline
+    from pmf_jax import input_pipeline, runtime
     from pmf_jax.config import load_config
 
     cfg = load_config(CONFIG, [f"data.data_dir={out / 'tfds'}", f"train.output_dir={out / 'run'}", *args.overrides])
+    runtime.setup(None if cfg.train.compilation_cache else False)
     print(f"[demo] building synthetic_pairs/{cfg.data.builder_config} in {cfg.data.data_dir}", flush=True)
     input_pipeline.build(cfg.data.name, cfg.data.data_dir, config=cfg.data.builder_config)
 

@@ -13,7 +13,7 @@ from typing import Dict, Optional
 import jax
 from tqdm import tqdm
 
-from pmf_jax import input_pipeline
+from pmf_jax import input_pipeline, runtime
 from pmf_jax.config import Config, save_config
 from pmf_jax.errors import PMFInputError
 from pmf_jax.parallel import (batch_sharding, jit_sharded, make_global_batch, make_mesh, num_batch_shards,
@@ -48,7 +48,9 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def _write_run_info(run_dir: Path, cfg: Config, comps) -> None:
+def write_run_info(run_dir: Path, cfg: Config, comps) -> None:
+    """Writes ``run_dir/config.yaml`` and ``run_dir/components.json`` (trained parts, reference settings, base, model
+    configs: what ``pmf convert to-diffusers`` reads), on process 0 only."""
     if jax.process_index() != 0:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -64,14 +66,12 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
     """Trains until ``cfg.train.steps`` (or ``max_steps`` more steps this call); resumes from the latest checkpoint.
 
     ``devices``: the devices of the mesh (default: all). Returns the last logged metrics. Returns early (after
-    saving) when SIGTERM arrives.
+    saving) when SIGTERM arrives. The trainer is an entry point: it sets the process's runtime state
+    (:func:`pmf_jax.runtime.setup`; the persistent compilation cache when ``train.compilation_cache``).
     """
     maybe_initialize_distributed()
     tc = cfg.train
-    if tc.compilation_cache:
-        from pmf_jax.pipelines.common import enable_compilation_cache
-
-        enable_compilation_cache()  # before anything compiles
+    runtime.setup(None if tc.compilation_cache else False)  # before anything compiles
     run_dir = Path(tc.output_dir)
 
     # ---- Mesh ----------------------------------------------------------------------------------------------------
@@ -87,12 +87,11 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
     rng = jax.random.key(tc.seed)
     init_rng, state_rng = jax.random.split(rng)
     comps, params, frozen = components_lib.build(cfg, init_rng)
-    _write_run_info(run_dir, cfg, comps)
+    write_run_info(run_dir, cfg, comps)
+    comps = comps.for_mode(cfg.reference.mode)
     trainable = {part: params[part] for part in comps.trainable}
     frozen_params = {part: p for part, p in params.items() if part not in comps.trainable}
     reference_cfg = cfg.reference.to_reference_config()
-    if cfg.reference.mode == "reference_only":
-        comps = dataclasses.replace(comps, reference_unet=comps.unet)
 
     # ---- Shardings: eval_shape -> rules -> jit(init, out_shardings) ---------------------------------------------
     tx = make_optimizer(tc)

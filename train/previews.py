@@ -9,14 +9,16 @@ import jax
 import numpy as np
 
 from pmf_jax import input_pipeline
-from pmf_jax.pipelines import RetargetPipeline
-from pmf_jax.training.components import sampling_scheduler_config
+from pmf_jax.pipelines.from_run import RunParts, pipeline_from_run, pipeline_params, sampling_kwargs
 from train.logs import image_grid, log
 
 MAX_IMAGES = 4
 
 
 class Previews:
+    """Built once per run; its retarget pipeline is built at the first preview and compiled once: later previews
+    pass the new parameters to the same programs."""
+
     def __init__(self, cfg, components, frozen, writer, run_dir: Path):
         self.cfg, self.components, self.writer = cfg, components, writer
         self.frozen = jax.device_get(frozen)
@@ -25,6 +27,7 @@ class Previews:
         if jax.process_count() > 1:
             log("previews are off on multi-host runs (the sharded weights are not on one host)")
         self.batch = None
+        self.pipeline = None
         if self.active:
             loader = input_pipeline.make_loader(
                 cfg.data.name, cfg.data.eval_split, cfg.data.data_dir, min(cfg.data.eval_batch_size, MAX_IMAGES),
@@ -35,20 +38,17 @@ class Previews:
     def __call__(self, step: int, trainable, frozen_params) -> None:
         if not self.active:
             return
-        c, cfg = self.components, self.cfg
+        cfg = self.cfg
         params = jax.device_get({**frozen_params, **trainable})
-        ref = params["unet"] if cfg.reference.mode == "reference_only" else params["reference_unet"]
-        pipe = RetargetPipeline(unet=(c.unet, params["unet"]), controlnet=(c.controlnet, params["controlnet"]),
-                                vae=(c.autoencoder, self.frozen["autoencoder"]),
-                                reference_unet=(c.reference_unet, ref) if cfg.reference.mode == "acm" else None,
-                                mode=cfg.reference.mode, context=np.asarray(self.frozen["context"][0]),
-                                scheduler_config=sampling_scheduler_config(c, cfg.train.prediction_type))
+        if self.pipeline is None:
+            self.pipeline = pipeline_from_run(RunParts(cfg, self.components, params, self.frozen))
+        else:
+            self.pipeline.set_params(pipeline_params(self.pipeline.mode, params, self.frozen))
         to_u8 = lambda x, low: np.round((np.clip(x, low, 1) - low) / (1 - low) * 255).astype(np.uint8)  # noqa
         height, width = cfg.data.height_width
-        samples = pipe(list(to_u8(self.batch["source"], -1.0)), list(to_u8(self.batch["pose"], 0.0)),
-                       num_inference_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.text_guidance_scale,
-                       scheduler=cfg.sampling.scheduler, height=height, width=width, seed=cfg.sampling.seed,
-                       reference_config=cfg.reference.to_reference_config(), pose_kind="skeleton", output_type="np")
+        samples = self.pipeline(list(to_u8(self.batch["source"], -1.0)), list(to_u8(self.batch["pose"], 0.0)),
+                                height=height, width=width, seed=cfg.sampling.seed, pose_kind="skeleton",
+                                output_type="np", **sampling_kwargs(cfg))
         grid = image_grid([self.batch["source"], self.batch["pose"], np.asarray(samples), self.batch["target"]])
         self.writer.image(step, "samples", grid)
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,8 @@
 """Retargeting a run's held-out test pairs with its trained weights through the RetargetPipeline (the demo's
-evaluation): mode "acm" (the PMF model) and mode "controlnet_only" (the same weights, reference bank disabled)."""
+evaluation): the run's mode (``reference.mode``, the PMF model) and mode "controlnet_only" (the same weights,
+reference bank disabled)."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -11,35 +10,28 @@ import numpy as np
 
 from pmf_jax import input_pipeline
 from pmf_jax.io.checkpoints import restore_trained_params
-from pmf_jax.pipelines import RetargetPipeline
+from pmf_jax.pipelines.from_run import RunParts, pipeline_from_run, sampling_kwargs
 from pmf_jax.training import components as components_lib
 
 
 def load_trained(cfg, step=None, ema: bool = True):
-    """(components, params, frozen, step) with the trained parts restored from ``cfg.train.output_dir``."""
+    """(:class:`~pmf_jax.pipelines.from_run.RunParts`, step) with the trained parts restored from
+    ``cfg.train.output_dir``."""
     comps, params, frozen = components_lib.build(cfg, jax.random.key(cfg.train.seed))
     trained, step = restore_trained_params(cfg.train.output_dir, step, ema=ema)
     for part, tree in trained.items():
         params[part] = jax.tree_util.tree_map(jnp.asarray, tree)
-    if cfg.reference.mode == "reference_only":
-        comps = dataclasses.replace(comps, reference_unet=comps.unet)
-        params["reference_unet"] = params["unet"]
-    return comps, params, frozen, step
+    return RunParts(cfg, comps, params, frozen), step
 
 
 def pipelines_for_run(cfg, step=None):
-    """{"acm": pipeline, "controlnet_only": pipeline} over the run's trained weights, and the step."""
-    comps, params, frozen, step = load_trained(cfg, step)
-    scheduler_config = components_lib.sampling_scheduler_config(comps, cfg.train.prediction_type)
-    common = dict(unet=(comps.unet, params["unet"]), controlnet=(comps.controlnet, params["controlnet"]),
-                  vae=(comps.autoencoder, frozen["autoencoder"]), scheduler_config=scheduler_config,
-                  context=frozen["context"][0] if not cfg.model.text_encoder or not cfg.model.base else None)
+    """{"generated": pipeline in the run's mode, "generated_no_reference": pipeline in mode "controlnet_only"} over
+    the run's trained weights, and the step."""
     if cfg.model.base and cfg.model.text_encoder:
         raise NotImplementedError("the demo evaluation covers prompt-free runs; use `pmf eval generate`")
-    pipes = {"acm": RetargetPipeline(**common, reference_unet=(comps.reference_unet, params["reference_unet"]),
-                                     mode="acm"),
-             "controlnet_only": RetargetPipeline(**common, mode="controlnet_only")}
-    return pipes, step
+    run, step = load_trained(cfg, step)
+    return {"generated": pipeline_from_run(run),
+            "generated_no_reference": pipeline_from_run(run, mode="controlnet_only")}, step
 
 
 def _uint8(images, low):
@@ -63,11 +55,9 @@ def generate_test_pairs(cfg, num_pairs: int = 64, batch_size: int = 16, step=Non
             break
         sources, poses = list(_uint8(batch["source"], -1.0)), list(_uint8(batch["pose"], 0.0))
         seeds = [cfg.sampling.seed + seen + i for i in range(len(sources))]  # the same noise for both variants
-        for name, mode in (("generated", "acm"), ("generated_no_reference", "controlnet_only")):
-            images = pipes[mode](sources, poses, num_inference_steps=cfg.sampling.steps,
-                                 guidance_scale=cfg.sampling.text_guidance_scale, scheduler=cfg.sampling.scheduler,
-                                 height=height, width=width, seed=seeds, reference_config=cfg.reference
-                                 .to_reference_config(), pose_kind="skeleton", output_type="np")
+        for name, pipe in pipes.items():
+            images = pipe(sources, poses, height=height, width=width, seed=seeds, pose_kind="skeleton",
+                          output_type="np", **sampling_kwargs(cfg, pipe.mode))
             out[name].append(np.asarray(images) * 2.0 - 1.0)
         for name in ("source", "pose", "target"):
             out[name].append(batch[name])

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from pmf_jax.commands import options
+from pmf_jax.constants import DEFAULT_GUIDANCE_SCALE
 from pmf_jax.errors import PMFInputError
 from pmf_jax.pipelines.images import check_resolution, load_image
 
@@ -21,7 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, help="input image")
     p.add_argument("--instruction", required=True, help="what to change, e.g. 'make it a watercolor'")
     options.add_sampling_args(p)
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="text guidance (default: %(default)s)")
+    p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
+                   help="text guidance (default: %(default)s)")
     p.add_argument("--image-guidance-scale", type=float, default=1.5, help="image guidance (default: %(default)s)")
     p.add_argument("--out", required=True, help=f"output image file ({', '.join(IMAGE_SUFFIXES)})")
     options.add_runtime_args(p)

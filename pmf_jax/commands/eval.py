@@ -30,6 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--limit", type=options.positive_int, help="only the first N pairs (smoke runs)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. sampling.steps=50")
+    options.use_compilation_cache(g)
 
     s = sub.add_parser(
         "score", help="score generated images against the ground truth",

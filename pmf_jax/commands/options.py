@@ -8,10 +8,9 @@ import platform
 import time
 from pathlib import Path
 
-# Literal copies so that building the parser does not import JAX; tests check them against the libraries.
-SCHEDULER_NAMES = ("ddpm", "ddim", "euler", "dpmpp_2m", "unipc")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "flash")
+from pmf_jax import constants
+
+DTYPES = ("auto",) + constants.DTYPES  # auto: bfloat16 on GPU/TPU, float32 on CPU
 
 
 def positive_int(text: str) -> int:
@@ -34,12 +33,13 @@ def seed_int(text: str) -> int:
     return value
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, default_steps: int = 20) -> None:
+def add_sampling_args(parser: argparse.ArgumentParser, default_steps: int = constants.DEFAULT_STEPS) -> None:
     """Sampling options shared by the commands: negative prompt, steps, scheduler, seed, resolution."""
     parser.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
     parser.add_argument("--steps", type=positive_int, default=default_steps,
                         help="denoising steps (default: %(default)s)")
-    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default="unipc", help="sampler (default: %(default)s)")
+    parser.add_argument("--scheduler", choices=constants.SCHEDULER_NAMES, default=constants.DEFAULT_SCHEDULER,
+                        help="sampler (default: %(default)s)")
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed (default: %(default)s)")
     parser.add_argument("--height", type=int, help="output height, a multiple of 8 (default: the input's resolution "
                                                    "bucket, sides from 256/384/512/640/768)")
@@ -47,30 +47,43 @@ def add_sampling_args(parser: argparse.ArgumentParser, default_steps: int = 20) 
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """Dtype, attention backend, the persistent compilation cache and the progress bar."""
     group = parser.add_argument_group("runtime")
     group.add_argument("--dtype", choices=DTYPES, default="auto",
                        help="parameter and compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
-    group.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto")
+    group.add_argument("--attention-backend", choices=constants.ATTENTION_BACKENDS, default="auto")
     group.add_argument("--cache-dir", help="JAX persistent compilation cache (default: $PMF_JAX_CACHE_DIR or "
                                            "~/.cache/pmf_jax/jax_cache)")
     group.add_argument("--no-cache", action="store_true", help="do not use the persistent compilation cache")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    use_compilation_cache(parser)
+
+
+def use_compilation_cache(parser: argparse.ArgumentParser) -> None:
+    """Marks a command as one that compiles sampling programs: the CLI turns JAX's persistent compilation cache on
+    for it (:func:`compilation_cache`)."""
+    parser.set_defaults(uses_compilation_cache=True)
+
+
+def compilation_cache(args):
+    """What :func:`pmf_jax.runtime.setup` gets for a parsed command line: ``False`` (leave JAX's cache setting alone)
+    for commands that compile no sampling programs and with ``--no-cache``, else ``--cache-dir`` (None: the
+    default folder)."""
+    if not getattr(args, "uses_compilation_cache", False) or getattr(args, "no_cache", False):
+        return False
+    return getattr(args, "cache_dir", None)
 
 
 def runtime_kwargs(args) -> dict:
     """Keyword arguments of the pipelines' ``from_pretrained`` from the runtime options."""
-    from pmf_jax.pipelines.common import enable_compilation_cache
-
-    cache = False if args.no_cache else args.cache_dir
-    enable_compilation_cache(cache)  # before anything compiles
-    return dict(dtype=args.dtype, attention_backend=args.attention_backend, compilation_cache=cache)
+    return dict(dtype=args.dtype, attention_backend=args.attention_backend)
 
 
 def write_settings(path: Path, args, **extra) -> None:
     """The command's arguments and the resolved values as JSON."""
     import jax
 
-    settings = {k: v for k, v in sorted(vars(args).items()) if k != "func"}
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in ("func", "uses_compilation_cache")}
     settings.update(extra)
     settings["environment"] = {"jax": jax.__version__, "backend": jax.default_backend(),
                                "devices": jax.device_count(), "python": platform.python_version(),

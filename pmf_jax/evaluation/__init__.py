@@ -7,10 +7,10 @@
 ``pmf eval generate`` / ``pmf eval score`` (pmf_jax/commands/eval.py) are thin wrappers around these.
 """
 
-from pmf_jax.evaluation.generate import GenerationSummary, build_pipeline, generate
+from pmf_jax.evaluation.generate import GenerationSummary, generate
 from pmf_jax.evaluation.pairs import Pair, pair_filename, parse_dataset, read_pairs
 from pmf_jax.evaluation.report import PUBLISHED, markdown, write_report
 from pmf_jax.evaluation.score import METRICS, score
 
-__all__ = ["GenerationSummary", "METRICS", "PUBLISHED", "Pair", "build_pipeline", "generate", "markdown",
+__all__ = ["GenerationSummary", "METRICS", "PUBLISHED", "Pair", "generate", "markdown",
            "pair_filename", "parse_dataset", "read_pairs", "score", "write_report"]

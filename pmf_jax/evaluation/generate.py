@@ -4,7 +4,8 @@ What the config decides (pmf_jax/config.py): ``model.*`` (weights: ``base`` SD f
 ``reference_unet`` — null uses the base UNet, i.e. an untrained ACM —, ``dtype``, ``attention_backend``),
 ``reference.*`` (mode acm / reference_only and how the bank is read), ``data.*`` (dataset, builder config, data_dir,
 ``eval_split``, ``resolution``, ``eval_batch_size``) and ``sampling.*`` (scheduler, steps, guidance scales, ControlNet
-scale, seed). ``sampling.reference_guidance_scale`` 1 means no separate appearance guidance (2 guidance rows).
+scale, seed), read as :func:`pmf_jax.pipelines.from_run.sampling_kwargs` reads them
+(``sampling.reference_guidance_scale`` null: no separate appearance guidance, 2 guidance rows).
 
 Each pair gets seed ``(sampling.seed + pair index) mod 2**32``, so an image does not depend on the batch it was made
 in, on the device count or on an interruption. Images are written atomically (temporary file, then rename); a rerun
@@ -61,34 +62,16 @@ def _check_resume(out_dir: Path, settings: Dict) -> None:
                             f"({'; '.join(changed)}); use another --out or the same settings")
 
 
-def build_pipeline(cfg: config_lib.Config):
-    """The :class:`~pmf_jax.pipelines.RetargetPipeline` the config describes."""
-    from pmf_jax.pipelines import RetargetPipeline
-
-    model = cfg.model
-    if model.controlnet is None:
-        raise PMFInputError("config model.controlnet is null; evaluation needs the pose ControlNet")
-    mode = cfg.reference.mode
-    # null reference_unet: the ACM as initialised, i.e. the base model's UNet (load_model finds <base>/unet).
-    reference_unet = (model.reference_unet or model.base) if mode == "acm" else None
-    return RetargetPipeline.from_pretrained(model.base, controlnet=model.controlnet, reference_unet=reference_unet,
-                                            mode=mode, dtype=model.dtype, attention_backend=model.attention_backend,
-                                            revision=model.revision)
-
-
 def sample_pairs(pipe, cfg: config_lib.Config, sources: np.ndarray, poses: np.ndarray, seeds: Sequence[int],
                  prompt: str, negative_prompt: str) -> List:
     """PIL images for a batch of pairs (``sources``, ``poses``: uint8 ``[B, H, W, 3]``), in one pipeline call (the
     batch is split over the devices). Image i uses ``seeds[i]`` exactly as a call with that seed alone would, so the
     images do not depend on the batching or on an interrupted run."""
-    s = cfg.sampling
-    appearance = None if s.reference_guidance_scale == 1.0 else s.reference_guidance_scale
+    from pmf_jax.pipelines.from_run import sampling_kwargs
+
     h, w = sources.shape[1:3]
-    return pipe(list(sources), list(poses), prompt=prompt, negative_prompt=negative_prompt,
-                num_inference_steps=s.steps, guidance_scale=s.text_guidance_scale,
-                appearance_guidance_scale=appearance, controlnet_conditioning_scale=s.controlnet_scale,
-                scheduler=s.scheduler, height=h, width=w, num_images=1, seed=[int(x) for x in seeds],
-                reference_config=cfg.reference.to_reference_config(), pose_kind="skeleton")
+    return pipe(list(sources), list(poses), prompt=prompt, negative_prompt=negative_prompt, height=h, width=w,
+                num_images=1, seed=[int(x) for x in seeds], pose_kind="skeleton", **sampling_kwargs(cfg, pipe.mode))
 
 
 def _batches(pairs: List[Pair], size: int):
@@ -105,7 +88,8 @@ def generate(cfg: config_lib.Config, out_dir, *, split: Optional[str] = None, pr
       cfg: the config (see the module docstring for the fields used).
       split: default ``cfg.data.eval_split``.
       prompt, negative_prompt: the text prompt of every pair (recorded; ``pmf eval score`` uses it for CLIP score).
-      pipeline: a built RetargetPipeline (default: built from ``cfg.model`` once there is something to generate).
+      pipeline: a built RetargetPipeline (default: :func:`~pmf_jax.pipelines.from_run.pipeline_from_run` of the
+        config, built once there is something to generate).
       limit: only the first ``limit`` pairs of the split (smoke runs).
     """
     from tqdm import tqdm
@@ -127,7 +111,11 @@ def generate(cfg: config_lib.Config, out_dir, *, split: Optional[str] = None, pr
 
     from pmf_jax.input_pipeline import prepare_pair
 
-    pipe = pipeline if pipeline is not None else build_pipeline(cfg)
+    pipe = pipeline
+    if pipe is None:
+        from pmf_jax.pipelines.from_run import pipeline_from_run
+
+        pipe = pipeline_from_run(cfg)
     # Recorded once the models load, so that a failed start (e.g. a wrong path) does not block the corrected run.
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")

@@ -1,24 +1,26 @@
-"""The machinery both sampling pipelines share: jitted data-parallel programs per static setting, replicated
+"""The machinery both sampling pipelines share: pure programs per static setting, jitted data parallel, replicated
 parameters, batch padding to the device count, the denoising loop, the progress bar and a compilation counter.
 
-Three programs per static setting:
+Three programs per static setting (:meth:`SamplingPipeline.programs`; jitted on the batch mesh by
+:meth:`SamplingPipeline.jitted_programs`):
   * ``prologue(params, batch, scalars) -> (carry, extras)``: initial noise, scheduler state, what every step reuses
     (image latents, a reference bank written once);
   * ``loop(params, batch, scalars, extras, carry, start, stop) -> carry``: steps ``[start, stop)`` as one
-    ``lax.fori_loop``; without a progress bar it runs once over all steps, so the whole denoising loop is one
-    dispatch of one compiled program; with a progress bar the *same* program runs one step per call (identical
-    numbers, and no host callback in the program: JAX's persistent cache refuses programs with callbacks, so a
-    ``jax.debug.callback`` bar would make every CLI run recompile);
-  * ``epilogue(params, x) -> output``: VAE decode (or the latents).
+    ``lax.fori_loop`` (:meth:`~pmf_jax.schedulers.Scheduler.denoise`); without a progress bar it runs once over all
+    steps, so the whole denoising loop is one dispatch of one compiled program; with a progress bar the *same*
+    program runs one step per call (identical numbers, and no host callback in the program: JAX's persistent cache
+    refuses programs with callbacks, so a ``jax.debug.callback`` bar would make every CLI run recompile);
+  * ``epilogue(params, carry) -> output``: VAE decode (or the latents).
 
 What is static (new programs): the scheduler and its number of steps, the guidance layout (rows), the reference
-settings, the output kind, the batch size and resolution. What is traced (no recompilation): prompts (their
-embeddings), the seed, every guidance scale and the ControlNet scale.
+settings, the output kind, the batch size and resolution. What is traced (no recompilation): the parameters, prompts
+(their embeddings), the seed, every guidance scale and the ControlNet scale.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Hashable, Optional, Tuple
+import dataclasses
+from typing import Any, Callable, Dict, Hashable, NamedTuple, Optional, Tuple
 
 import jax
 import numpy as np
@@ -26,26 +28,45 @@ import numpy as np
 from pmf_jax.errors import PMFInputError
 from pmf_jax.pipelines import common
 from pmf_jax.pipelines.images import to_pil
-from pmf_jax.schedulers import SCHEDULERS, make_scheduler
+from pmf_jax.schedulers import SCHEDULERS, Scheduler, make_scheduler
+from pmf_jax.schedulers import noise as noise_lib
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 
-class SamplingPipeline:
-    """Base class. Subclasses set ``self.params`` (a dict of parameter trees) and implement, as pure functions of
-    a hashable ``static`` (with fields ``scheduler``, ``steps``, ``latent_shape``, ``output_type``):
-    ``_extras(static, params, batch, scalars) -> extras`` and
-    ``_model_fn(static, params, batch, scalars, extras, x, t) -> guided model output [N, h, w, C]``;
-    and set ``self.vae``."""
+@dataclasses.dataclass(frozen=True)
+class SamplingStatic:
+    """What one set of compiled programs is specialised on (hashable); the pipelines extend it."""
 
-    def __init__(self, scheduler_config: Optional[Dict[str, Any]] = None, compilation_cache=None):
+    scheduler: Scheduler
+    steps: int
+    latent_shape: Tuple[int, int, int]          # (h, w, C)
+    output_type: str
+
+
+class Programs(NamedTuple):
+    """The three programs of one static setting (pure functions, or their jitted versions)."""
+
+    prologue: Callable   # (params, batch, scalars) -> ((scheduler state, x), extras)
+    loop: Callable       # (params, batch, scalars, extras, carry, start, stop) -> carry
+    epilogue: Callable   # (params, carry) -> images [N, H, W, 3] in [0, 1], or the latents [N, h, w, C]
+
+
+class SamplingPipeline:
+    """Base class. Subclasses set ``self.params`` (a dict of parameter trees) and ``self.vae``, and implement, as
+    pure functions of a :class:`SamplingStatic` and a batch (a pytree dataclass with ``seeds`` [N] uint32, ``rows``
+    [N] int32 and optional ``latents`` [N, h, w, C]):
+    ``precompute(static, params, batch, scalars) -> extras`` (what every step reuses) and
+    ``model_fn(static, params, batch, scalars, extras, x, t) -> the guided model output [N, h, w, C]``."""
+
+    def __init__(self, scheduler_config: Optional[Dict[str, Any]] = None):
         #: The diffusers scheduler config (noise schedule) every sampler is built from; edit it to change e.g.
         #: ``timestep_spacing``.
         self.scheduler_config = dict(scheduler_config or {})
         self.params: Dict[str, Any] = {}
-        self.compilation_cache = common.enable_compilation_cache(compilation_cache)
-        self._programs: Dict[Hashable, Tuple[Callable, Callable, Callable]] = {}
+        self._jitted: Dict[Hashable, Programs] = {}
         self._placed = None
+        self._traces = 0
 
     # -------------------------------------------------------------------------------------------------- settings
     def make_scheduler(self, name: str):
@@ -74,70 +95,97 @@ class SamplingPipeline:
             raise PMFInputError(f"latents have shape {latents.shape}, expected {(num_images,) + tuple(shape)}")
         return latents
 
+    # ------------------------------------------------------------------------------------------------ parameters
+    def set_params(self, params: Dict[str, Any]) -> None:
+        """Replaces the parameter trees (same structure, shapes and dtypes: the compiled programs are reused)."""
+        self.params = dict(params)
+        self._placed = None
+
+    def placed_params(self):
+        """The parameters as the programs take them: replicated over the batch mesh (placed once, then reused)."""
+        if self._placed is None:
+            self._placed = common.place_replicated(self.params, common.batch_mesh())
+        return self._placed
+
     # ------------------------------------------------------------------------------------------------- programs
-    def compiled_programs(self) -> int:
-        """How many programs have been compiled so far (all static settings and shapes together)."""
-        return sum(p._cache_size() for programs in self._programs.values() for p in programs)
+    def precompute(self, static, params, batch, scalars):  # pragma: no cover - abstract
+        raise NotImplementedError
 
-    def _get_programs(self, static):
-        if static not in self._programs:
-            mesh = common.batch_mesh()
-            self._programs[static] = tuple(common.jit_on_mesh(fn, mesh) for fn in (
-                lambda *a: self._prologue(static, *a), lambda *a: self._loop(static, *a),
-                lambda *a: self._epilogue(static, *a)))
-        return self._programs[static]
+    def model_fn(self, static, params, batch, scalars, extras, x, t):  # pragma: no cover - abstract
+        raise NotImplementedError
 
-    def _prologue(self, static, params, batch, scalars):
-        """-> ((scheduler state, x_T · init_noise_sigma), extras)."""
-        keys = common.row_keys(batch["seeds"], batch["rows"])
-        x_T = batch["latents"] if "latents" in batch else common.row_normal(keys, 0, static.latent_shape)
+    def prologue(self, static, params, batch, scalars):
+        """-> ((scheduler state, x_T · init_noise_sigma), extras); x_T [N, h, w, C] from stream 0 of each image's
+        key (:mod:`pmf_jax.schedulers.noise`) unless the batch holds ``latents``."""
+        keys = noise_lib.row_keys(batch.seeds, batch.rows)
+        x_T = (batch.latents if batch.latents is not None
+               else noise_lib.row_normal(keys, noise_lib.INITIAL_STREAM, static.latent_shape))
         state = static.scheduler.init_state(static.steps, x_T)
         x = (x_T * state.init_noise_sigma).astype(x_T.dtype)
-        return (state, x), self._extras(static, params, batch, scalars)
+        return (state, x), self.precompute(static, params, batch, scalars)
 
-    def _loop(self, static, params, batch, scalars, extras, carry, start, stop):
-        """Denoising steps [start, stop) (traced bounds): x = step(model(scale_model_input(x), t_i), x)."""
-        sched = static.scheduler
-        keys = common.row_keys(batch["seeds"], batch["rows"])
+    def loop(self, static, params, batch, scalars, extras, carry, start, stop):
+        """Denoising steps [start, stop) (traced bounds) of :meth:`model_fn` -> the carry."""
+        keys = noise_lib.row_keys(batch.seeds, batch.rows)
 
-        def body(i, carry):
-            state, x = carry
-            out = self._model_fn(static, params, batch, scalars, extras, sched.scale_model_input(state, x),
-                                 state.timesteps[i])
-            # stochastic samplers (DDPM): step i draws from stream 1 + i of each image's key
-            noise = common.row_normal(keys, 1 + i, x.shape[1:], x.dtype) if sched.NEEDS_NOISE else None
-            return sched.step(state, out, x, noise=noise)
+        def model(x, t):
+            return self.model_fn(static, params, batch, scalars, extras, x, t)
 
-        return jax.lax.fori_loop(start, stop, body, carry)
+        return static.scheduler.denoise(model, carry, start, stop, keys=keys)
 
-    def _epilogue(self, static, params, carry):
+    def epilogue(self, static, params, carry):
+        """-> images [N, H, W, 3] in [0, 1] (VAE decode), or the latents [N, h, w, C] for output_type "latent"."""
         x = carry[1]
         if static.output_type == "latent":
             return x
         return common.vae_decode(self.vae, params["vae"], x)
 
-    def _extras(self, static, params, batch, scalars):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def programs(self, static) -> Programs:
+        """The three pure programs of ``static`` (jit them with your own mesh, e.g. for ahead-of-time compiles)."""
 
-    def _model_fn(self, static, params, batch, scalars, extras, x, t):  # pragma: no cover - abstract
-        raise NotImplementedError
+        def prologue(params, batch, scalars):
+            return self.prologue(static, params, batch, scalars)
+
+        def loop(params, batch, scalars, extras, carry, start, stop):
+            return self.loop(static, params, batch, scalars, extras, carry, start, stop)
+
+        def epilogue(params, carry):
+            return self.epilogue(static, params, carry)
+
+        return Programs(prologue, loop, epilogue)
+
+    def jitted_programs(self, static) -> Programs:
+        """The programs of ``static`` jitted on the batch mesh (built once per static setting)."""
+        if static not in self._jitted:
+            mesh = common.batch_mesh()
+            self._jitted[static] = Programs(*(common.jit_on_mesh(self._counted(fn), mesh)
+                                              for fn in self.programs(static)))
+        return self._jitted[static]
+
+    def _counted(self, fn):
+        def traced(*args):  # runs once per new program (a trace), never in the compiled code
+            self._traces += 1
+            return fn(*args)
+
+        traced.__name__ = fn.__name__
+        return traced
+
+    def compiled_programs(self) -> int:
+        """How many programs have been traced and compiled so far (all static settings and shapes together)."""
+        return self._traces
 
     # --------------------------------------------------------------------------------------------------- running
-    def _run(self, static, batch: Dict[str, np.ndarray], scalars: Dict[str, Any], *, progress: bool,
-             desc: str) -> np.ndarray:
-        """Pads the batch to the device count, places it, runs the programs for ``static``; returns N rows.
-
-        ``batch`` holds [N, ...] host arrays, among them ``seeds`` [N] uint32 and ``rows`` [N] int32
-        (:func:`~pmf_jax.pipelines.common.as_seed_list`); ``scalars`` the traced scalars (guidance scales)."""
+    def run_programs(self, static, batch, scalars: Dict[str, Any], *, progress: bool = False,
+                     desc: str = "sampling") -> np.ndarray:
+        """Pads ``batch`` (host arrays [N, ...]) to the device count, places it, runs the programs of ``static``;
+        returns the N outputs (host array). ``scalars``: the traced scalars (guidance scales)."""
         from pmf_jax.parallel import num_batch_shards
 
         mesh = common.batch_mesh()
         batch, n = common.pad_batch(batch, num_batch_shards(mesh))
-        if self._placed is None:
-            self._placed = common.place_replicated(self.params, mesh)
-        params, batch = self._placed, common.place_batch(batch, mesh)
+        params, batch = self.placed_params(), common.place_batch(batch, mesh)
         scalars = common.place_replicated(scalars, mesh)
-        prologue, loop, epilogue = self._get_programs(static)
+        prologue, loop, epilogue = self.jitted_programs(static)
         carry, extras = prologue(params, batch, scalars)
         steps = static.steps
         if progress:
@@ -154,10 +202,10 @@ class SamplingPipeline:
         return out[:n]
 
     @staticmethod
-    def _format(out: np.ndarray, output_type: str):
+    def format_output(out: np.ndarray, output_type: str):
         if output_type == "pil":
             return [to_pil(image) for image in out]
         return out
 
 
-__all__ = ["OUTPUT_TYPES", "SamplingPipeline"]
+__all__ = ["OUTPUT_TYPES", "Programs", "SamplingPipeline", "SamplingStatic"]

@@ -1,15 +1,12 @@
-"""What the sampling pipelines share: VAE encode/decode, prompt encoding, guidance, batch sharding and the persistent
-compilation cache.
+"""What the sampling pipelines share: the compute dtype, VAE encode/decode, prompt encoding, guidance, seeds and
+batch sharding.
 
-Row layout of a guidance batch: the G guidance rows of sample n sit at ``n·G + g`` (sample-major), so splitting the
-batch of N samples over devices splits the N·G rows the same way and every device combines its own rows.
+Row layout of a guidance batch: :mod:`pmf_jax.rows` (sample-major). Noise streams: :mod:`pmf_jax.schedulers.noise`.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import jax
@@ -18,35 +15,7 @@ import numpy as np
 
 from pmf_jax.errors import PMFInputError
 
-DEFAULT_CACHE_DIR = Path("~/.cache/pmf_jax/jax_cache")
-CACHE_ENV = "PMF_JAX_CACHE_DIR"
-
-
-# ------------------------------------------------------------------------------------------ compilation and dtype
-
-def enable_compilation_cache(cache_dir: Union[str, os.PathLike, None, bool] = None) -> Optional[Path]:
-    """Turns on JAX's persistent compilation cache so that a second run of the same program starts fast.
-
-    Args:
-      cache_dir: a folder; ``None`` = ``$PMF_JAX_CACHE_DIR`` or ``~/.cache/pmf_jax/jax_cache``; ``False`` = leave
-        the cache as it is. A cache directory the user already configured for JAX (``JAX_COMPILATION_CACHE_DIR``)
-        is kept.
-    Returns:
-      The cache folder in use, or None.
-    """
-    if cache_dir is False:
-        return None
-    current = jax.config.jax_compilation_cache_dir
-    if current:
-        return Path(current)
-    folder = Path(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise PMFInputError(f"cannot create the compilation cache folder {folder}: {err}") from None
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    return folder
-
+# ------------------------------------------------------------------------------------------------------- dtype
 
 def default_dtype():
     """bfloat16 on GPU/TPU, float32 on CPU."""
@@ -65,10 +34,13 @@ def resolve_dtype(dtype) -> Any:
 
 # ------------------------------------------------------------------------------------------------------- the VAE
 
-def vae_encode(vae, params, images):
-    """images [B, H, W, 3] in [-1, 1] -> latents [B, H/f, W/f, C] for the UNet: the posterior mean, shifted and
-    scaled as diffusers does (``(mean - shift_factor) · scaling_factor``; deterministic, no sampling)."""
+def vae_encode(vae, params, images, scaled: bool = True):
+    """images [B, H, W, 3] in [-1, 1] -> latents [B, H/f, W/f, C] float32 for the UNet: the posterior mean, shifted
+    and scaled as diffusers does (``(mean - shift_factor) · scaling_factor``; deterministic, no sampling).
+    ``scaled=False``: the mean as is (InstructPix2Pix's image latent)."""
     mean, _ = vae.apply({"params": params}, images.astype(getattr(vae, "dtype", jnp.float32)), method=vae.encode)
+    if not scaled:
+        return mean.astype(jnp.float32)
     return (mean.astype(jnp.float32) - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor
 
 
@@ -108,6 +80,14 @@ class PromptEncoder:
                 context = np.zeros((1, 1, cross_attention_dim), np.float32)
             self.context = np.asarray(context, np.float32).reshape((1,) + np.shape(context)[-2:])
         self._encode = jax.jit(lambda p, ids: text_encoder.apply({"params": p}, ids)) if text_encoder else None
+
+    @property
+    def context_shape(self) -> Tuple[int, int]:
+        """[T, D] of one prompt's context."""
+        if self.text_encoder is None:
+            return tuple(self.context.shape[1:])
+        ids = jax.ShapeDtypeStruct((1, self.tokenizer.model_max_length), jnp.int32)
+        return tuple(jax.eval_shape(lambda p, i: self.text_encoder.apply({"params": p}, i), self.params, ids).shape[1:])
 
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:
         """prompts: B strings -> float32 [B, T, D] (host array)."""
@@ -150,41 +130,17 @@ def nested_guidance(uncond, middle, full, scale_middle, scale_full):
     return uncond + scale_middle * (middle - uncond) + scale_full * (full - middle)
 
 
-def split_rows(x, groups: int):
-    """[N·G, ...] (sample-major) -> G arrays [N, ...]."""
-    x = x.reshape((x.shape[0] // groups, groups) + x.shape[1:])
-    return [x[:, g] for g in range(groups)]
-
-
-def row_keys(seeds, rows):
-    """One PRNG key per image: ``fold_in(key(seeds[n]), rows[n])`` ([N] uint32 seeds, [N] int32 indices).
-
-    A call with one seed numbers its images 0..N-1; a call with one seed per image uses index 0 for each, so image n
-    of ``seed=[s0, s1, ...]`` equals the single image of ``seed=s_n``, and no image depends on the batch size or on
-    how the batch is split over devices.
-    """
-    return jax.vmap(lambda s, r: jax.random.fold_in(jax.random.key(s), r))(seeds, rows)
-
-
-def row_normal(keys, stream, shape, dtype=jnp.float32):
-    """[N, *shape] standard normal noise, row n from ``fold_in(keys[n], stream)`` (stream: an int or a traced
-    int32 scalar; 0 = the initial noise x_T)."""
-    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, stream), shape, dtype))(keys)
-
-
 def as_seed_list(seed, n: int) -> Tuple[np.ndarray, np.ndarray]:
     """``(seeds [n] uint32, rows [n] int32)`` from one seed (rows 0..n-1) or a list of n seeds (rows all 0)."""
-    from pmf_jax.errors import PMFInputError as _Err
-
     def check(value):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2 ** 32:
-            raise _Err(f"seed={value!r} must be an integer in [0, 2**32)")
+            raise PMFInputError(f"seed={value!r} must be an integer in [0, 2**32)")
         return int(value)
 
     if isinstance(seed, (list, tuple, np.ndarray)):
         seeds = [check(v) for v in seed]
         if len(seeds) != n:
-            raise _Err(f"seed: got {len(seeds)} seeds for {n} images (give one seed, or one per image)")
+            raise PMFInputError(f"seed: got {len(seeds)} seeds for {n} images (give one seed, or one per image)")
         return np.asarray(seeds, np.uint32), np.zeros(n, np.int32)
     return np.full(n, check(seed), np.uint32), np.arange(n, dtype=np.int32)
 

@@ -13,34 +13,40 @@ plain conditioning), so changing a scale never changes the program.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional, Tuple
+from typing import Any, Optional
 
+import flax.struct
 import jax.numpy as jnp
 import numpy as np
 
+from pmf_jax import constants, rows as rows_lib
 from pmf_jax.errors import PMFInputError
 from pmf_jax.pipelines import common
-from pmf_jax.pipelines.base import SamplingPipeline
+from pmf_jax.pipelines.base import SamplingPipeline, SamplingStatic
 from pmf_jax.pipelines.images import content_box, fit_image, load_image, resolve_size, to_float
-from pmf_jax.schedulers import Scheduler
+
+ROWS = 3  # [text + image, negative + image, negative + zeros]
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    scheduler: Scheduler
-    steps: int
-    latent_shape: Tuple[int, int, int]
-    output_type: str
+@flax.struct.dataclass
+class EnhanceBatch:
+    """The N images of one call: seeds [N] uint32 and rows [N] int32 (noise keys,
+    :func:`pmf_jax.schedulers.noise.row_keys`), image [N, H, W, 3] float32 in [0, 1], context [N, 3, T, D] float32
+    (the three guidance rows' text contexts), latents None or [N, h, w, C] float32 x_T."""
+
+    seeds: Any
+    rows: Any
+    image: Any
+    context: Any
+    latents: Any = None
 
 
 class EnhancePipeline(SamplingPipeline):
     """InstructPix2Pix: ``EnhancePipeline(unet=(unet, p), vae=(vae, p) or None, text_encoder=(clip, p) or None,
     tokenizer=..., scheduler_config={...})`` or :meth:`from_pretrained` (a diffusers InstructPix2Pix folder)."""
 
-    def __init__(self, unet, vae=None, text_encoder=None, tokenizer=None, scheduler_config=None, context=None,
-                 compilation_cache=None):
-        super().__init__(scheduler_config, compilation_cache)
+    def __init__(self, unet, vae=None, text_encoder=None, tokenizer=None, scheduler_config=None, context=None):
+        super().__init__(scheduler_config)
         if vae is None:
             from pmf_jax.models.identity_vae import IdentityAutoencoder
 
@@ -57,14 +63,13 @@ class EnhancePipeline(SamplingPipeline):
             cross_attention_dim=dim if isinstance(dim, int) else dim[0])
 
     @classmethod
-    def from_pretrained(cls, path_or_id, dtype=None, *, attention_backend: str = "auto", compilation_cache=None,
-                        revision=None):
+    def from_pretrained(cls, path_or_id, dtype=None, *, attention_backend: str = "auto", revision=None):
         from pmf_jax.pipelines.loading import load_sd_parts
 
         parts = load_sd_parts(path_or_id, dtype=common.resolve_dtype(dtype), attention_backend=attention_backend,
                               revision=revision)
         return cls(parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
-                   parts["scheduler_config"], compilation_cache=compilation_cache)
+                   parts["scheduler_config"])
 
     def prepare_image(self, image, height: Optional[int] = None, width: Optional[int] = None, fit: str = "pad"):
         """``(uint8 [H, W, 3] fitted input, FitTransform)``; (H, W) given or the image's resolution bucket."""
@@ -75,8 +80,9 @@ class EnhancePipeline(SamplingPipeline):
             raise PMFInputError(f"height={size[0]} and width={size[1]} must be multiples of {factor}")
         return fit_image(image, size, fit)
 
-    def __call__(self, image, instruction="", negative_prompt="", num_inference_steps: int = 20,
-                 guidance_scale: float = 7.5, image_guidance_scale: float = 1.5, scheduler: str = "unipc",
+    def __call__(self, image, instruction="", negative_prompt="", num_inference_steps: int = constants.DEFAULT_STEPS,
+                 guidance_scale: float = constants.DEFAULT_GUIDANCE_SCALE, image_guidance_scale: float = 1.5,
+                 scheduler: str = constants.DEFAULT_SCHEDULER,
                  height: Optional[int] = None, width: Optional[int] = None, num_images: int = 1, seed=0,
                  fit: str = "pad", latents=None, output_type: str = "pil", crop: bool = True,
                  progress: bool = False):
@@ -102,39 +108,32 @@ class EnhancePipeline(SamplingPipeline):
         embedded = self.prompts(prompts + negatives)
         pos, neg = embedded[:num_images], embedded[num_images:]
         seeds, seed_rows = common.as_seed_list(seed, num_images)
-        batch = {"seeds": seeds, "rows": seed_rows, "image": np.repeat(to_float(pixels)[None], num_images, 0),
-                 "context": np.stack([pos, neg, neg], axis=1)}
-        if latents is not None:
-            batch["latents"] = latents
+        batch = EnhanceBatch(seeds=seeds, rows=seed_rows, image=np.repeat(to_float(pixels)[None], num_images, 0),
+                             context=np.stack([pos, neg, neg], axis=1), latents=latents)
         scalars = {"guidance": np.float32(guidance_scale), "image_guidance": np.float32(image_guidance_scale)}
-        static = _Static(sched, int(num_inference_steps), latent_shape, output_type)
-        out = self._run(static, batch, scalars, progress=progress, desc="enhance")
+        static = SamplingStatic(sched, int(num_inference_steps), latent_shape, output_type)
+        out = self.run_programs(static, batch, scalars, progress=progress, desc="enhance")
         if crop and output_type != "latent":
             left, top, right, bottom = content_box(transform)
             out = out[:, top:bottom, left:right]
-        return self._format(out, output_type)
+        return self.format_output(out, output_type)
 
-    # batch: seeds [N], rows [N] (noise keys), image [N, H, W, 3] in [0, 1], context [N, 3, T, D], optional
-    # latents [N, h, w, C].
-
-    def _extras(self, static: _Static, params, batch, scalars):
+    def precompute(self, static: SamplingStatic, params, batch: EnhanceBatch, scalars):
         """The image latents of the three rows [N·3, h, w, C]: (mode, mode, zeros) per sample, unscaled."""
-        mode, _ = self.vae.apply({"params": params["vae"]}, (batch["image"] * 2.0 - 1.0).astype(
-            getattr(self.vae, "dtype", jnp.float32)), method=self.vae.encode)
-        mode = mode.astype(jnp.float32)
+        mode = common.vae_encode(self.vae, params["vae"], batch.image * 2.0 - 1.0, scaled=False)
         n = mode.shape[0]
         return {"image_latents": jnp.stack([mode, mode, jnp.zeros_like(mode)], axis=1).reshape(
-            (3 * n,) + mode.shape[1:])}
+            (ROWS * n,) + mode.shape[1:])}
 
-    def _model_fn(self, static: _Static, params, batch, scalars, extras, x, t):
-        """x: [N, h, w, C] scaled model input, t: [] -> the guided prediction [N, h, w, C]."""
+    def model_fn(self, static: SamplingStatic, params, batch: EnhanceBatch, scalars, extras, x, t):
+        """The guided prediction (module docstring): x [N, h, w, C] scaled model input, t [] -> [N, h, w, C]."""
         n = x.shape[0]
-        context = batch["context"].reshape((3 * n,) + batch["context"].shape[2:])
-        xg = jnp.concatenate([jnp.repeat(x, 3, axis=0), extras["image_latents"].astype(x.dtype)], axis=-1)
+        context = batch.context.reshape((ROWS * n,) + batch.context.shape[2:])
+        xg = jnp.concatenate([rows_lib.repeat_rows(x, ROWS), extras["image_latents"].astype(x.dtype)], axis=-1)
         eps = self.unet.apply({"params": params["unet"]}, xg, t, context).astype(jnp.float32)
-        text, image, uncond = common.split_rows(eps, 3)
+        text, image, uncond = rows_lib.split_rows(eps, ROWS)
         out = common.nested_guidance(uncond, image, text, scalars["image_guidance"], scalars["guidance"])
         return out.astype(x.dtype)
 
 
-__all__ = ["EnhancePipeline"]
+__all__ = ["EnhanceBatch", "EnhancePipeline"]

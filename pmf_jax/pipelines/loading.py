@@ -13,13 +13,10 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from pmf_jax.constants import SD15_SCHEDULER_CONFIG
 from pmf_jax.errors import PMFInputError
 from pmf_jax.io import from_pretrained
 from pmf_jax.io.hub import resolve_folder
-
-# SD1.5's noise schedule, used when a folder has no scheduler/scheduler_config.json.
-SD15_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                 "beta_schedule": "scaled_linear", "steps_offset": 1}
 
 
 def _check_class(module, cls_name: str, where) -> None:
@@ -44,9 +41,10 @@ def load_model(path_or_repo_id, kind: str, subfolder, *, dtype, attention_backen
 
 
 def read_scheduler_config(folder: Path) -> Dict[str, Any]:
+    """The folder's scheduler/scheduler_config.json, or SD1.5's (:data:`pmf_jax.constants.SD15_SCHEDULER_CONFIG`)."""
     path = folder / "scheduler" / "scheduler_config.json"
     if not path.is_file():
-        return dict(SD15_SCHEDULE)
+        return dict(SD15_SCHEDULER_CONFIG)
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:

@@ -21,26 +21,26 @@ The reference UNet runs on the N samples only (prompt embedding as its context) 
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional, Tuple
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
+from pmf_jax import constants, rows as rows_lib
 from pmf_jax.errors import PMFInputError
 from pmf_jax.pipelines import common
 from pmf_jax.pipelines.base import SamplingPipeline
 from pmf_jax.pipelines.images import fit_image, load_image, resolve_size, to_float
-from pmf_jax.reference import ReferenceConfig, write_inputs
+from pmf_jax.pipelines.retarget_inputs import RetargetBatch, RetargetStatic, abstract_scalars, retarget_scalars
+from pmf_jax.reference import ReferenceConfig, ReferenceRead, write_inputs
 from pmf_jax.schedulers import Scheduler
+from pmf_jax.schedulers import noise as noise_lib
 
-MODES = ("acm", "reference_only", "controlnet_only")
-POSE_KINDS = ("auto", "skeleton")
+MODES = constants.MODES
 
 
-def _pairs(source_image, pose):
+def pairs(source_image, pose):
     """Lists of P sources and P poses (a single one is shared by all pairs)."""
     sources = list(source_image) if isinstance(source_image, (list, tuple)) else [source_image]
     poses = list(pose) if isinstance(pose, (list, tuple)) else [pose]
@@ -49,18 +49,6 @@ def _pairs(source_image, pose):
         raise PMFInputError(f"got {len(sources)} source images and {len(poses)} poses: give one of each, or lists "
                             f"of equal length (one pair each), or one of either with a list of the other")
     return sources * (count // len(sources)), poses * (count // len(poses))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """What one compiled program is specialised on (hashable)."""
-
-    scheduler: Scheduler
-    steps: int
-    rows: int                                   # G guidance rows per sample (2 or 3)
-    reference: Optional[ReferenceConfig]        # None: no reference bank
-    latent_shape: Tuple[int, int, int]          # (h, w, C)
-    output_type: str
 
 
 class RetargetPipeline(SamplingPipeline):
@@ -74,13 +62,15 @@ class RetargetPipeline(SamplingPipeline):
                        mode="acm", scheduler_config={...} (diffusers scheduler_config.json dict),
                        reference_config=ReferenceConfig(...) (how the bank is read by default))
 
-    or from folders with :meth:`from_pretrained`. Call it with a source image and a pose (see :meth:`__call__`).
+    or from folders with :meth:`from_pretrained`, or from a training run or a config with
+    :func:`pmf_jax.pipelines.from_run.pipeline_from_run`. Call it with a source image and a pose (see
+    :meth:`__call__`). Parameters: :attr:`params` {"unet", "controlnet", "vae", and "reference" in mode "acm"}.
     """
 
     def __init__(self, unet, controlnet, vae=None, text_encoder=None, tokenizer=None, reference_unet=None,
-                 mode: str = "acm", scheduler_config=None, context=None, compilation_cache=None,
+                 mode: str = constants.DEFAULT_MODE, scheduler_config=None, context=None,
                  reference_config: Optional[ReferenceConfig] = None):
-        super().__init__(scheduler_config, compilation_cache)
+        super().__init__(scheduler_config)
         if mode not in MODES:
             raise PMFInputError(f"mode={mode!r} must be one of {', '.join(MODES)}")
         if mode == "acm" and reference_unet is None:
@@ -108,7 +98,7 @@ class RetargetPipeline(SamplingPipeline):
 
     @classmethod
     def from_pretrained(cls, sd_path_or_id, controlnet=None, reference_unet=None, mode: Optional[str] = None,
-                        dtype=None, *, attention_backend: str = "auto", compilation_cache=None, revision=None):
+                        dtype=None, *, attention_backend: str = "auto", revision=None):
         """Loads an SD pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), a ControlNet folder
         (or repo id) and, for mode "acm", a reference UNet folder. ``dtype`` None: bfloat16 on GPU/TPU, float32 on
         CPU (parameters and compute).
@@ -122,7 +112,7 @@ class RetargetPipeline(SamplingPipeline):
 
         folder = resolve_folder(sd_path_or_id, revision=revision)
         export = read_pmf_config(folder)
-        mode = mode or (export or {}).get("mode", "acm")
+        mode = mode or (export or {}).get("mode", constants.DEFAULT_MODE)
         if mode not in MODES:
             raise PMFInputError(f"mode={mode!r} must be one of {', '.join(MODES)}")
         if controlnet is None:
@@ -141,8 +131,7 @@ class RetargetPipeline(SamplingPipeline):
         ref = (load_model(reference_unet, "UNet2DConditionModel", ("reference_unet", "unet"), **kw)
                if mode == "acm" else None)
         return cls(parts["unet"], cn, parts["vae"], parts["text_encoder"], parts["tokenizer"], ref, mode,
-                   parts["scheduler_config"], compilation_cache=compilation_cache,
-                   reference_config=reference_config_of(export))
+                   parts["scheduler_config"], reference_config=reference_config_of(export))
 
     # ------------------------------------------------------------------------------------------------ inputs
     def prepare_inputs(self, source_image, pose, height: Optional[int] = None, width: Optional[int] = None,
@@ -151,37 +140,26 @@ class RetargetPipeline(SamplingPipeline):
 
         (H, W) is ``height``/``width`` or the bucket of the source image. The source is fitted with ``fit``
         ("pad": letterbox, border pixels repeated; "crop": centre crop). The pose, with the same fit: a
-        ``PoseCondition`` of that size is used as is; ``pose_kind="skeleton"`` takes an image as the skeleton
-        whatever it looks like; ``"auto"`` goes through :func:`pmf_jax.pose.inputs.prepare_pose` (JSON, keypoints,
-        skeleton images, photos through the detector; ``pose_options``: ``pose_size``, ``source_keypoints``,
-        ``detector``, ``detector_weights``, ``hands``, ``face``).
+        ``PoseCondition`` of that size is used as is; anything else goes through
+        :func:`pmf_jax.pose.inputs.resolve_pose` as ``pose_kind`` says (``pose_options``: ``align_to``,
+        ``pose_size``, ``source_keypoints``, ``detector``, ``detector_weights``, ``hands``, ``face``).
         """
-        from pmf_jax.pose.inputs import PoseCondition, fit_transform, prepare_pose
+        from pmf_jax.pose.inputs import resolve_pose
 
-        if pose_kind not in POSE_KINDS:
-            raise PMFInputError(f"pose_kind={pose_kind!r} must be one of {', '.join(POSE_KINDS)}")
         source = load_image(source_image, "source image")
         size = resolve_size(source.shape, height, width)
         factor = common.vae_factor(self.vae)
         if size[0] % factor or size[1] % factor:
             raise PMFInputError(f"height={size[0]} and width={size[1]} must be multiples of the autoencoder's "
                                 f"downscale factor {factor}")
-        if isinstance(pose, PoseCondition):
-            if pose.image.shape[:2] != size:
-                raise PMFInputError(f"pose condition is {pose.image.shape[:2]}, the output size is {size}")
-            pose_image = pose.image
-        elif pose_kind == "skeleton":
-            pose_image = load_image(pose, "pose")
-            pose_image = fit_transform(pose_image.shape[:2], size, fit).image(pose_image)
-        else:
-            if isinstance(pose, Image.Image):
-                pose = np.asarray(pose.convert("RGB"))
-            pose_image = prepare_pose(pose, size, fit, **pose_options).image
+        pose_image = resolve_pose(pose, size, fit, pose_kind, **pose_options).image
         return fit_image(source, size, fit)[0], pose_image
 
-    def __call__(self, source_image, pose, prompt="", negative_prompt="", num_inference_steps: int = 20,
-                 guidance_scale: float = 7.5, appearance_guidance_scale: Optional[float] = None,
-                 controlnet_conditioning_scale: float = 1.0, scheduler: str = "unipc", height: Optional[int] = None,
+    def __call__(self, source_image, pose, prompt="", negative_prompt="",
+                 num_inference_steps: int = constants.DEFAULT_STEPS,
+                 guidance_scale: float = constants.DEFAULT_GUIDANCE_SCALE,
+                 appearance_guidance_scale: Optional[float] = None, controlnet_conditioning_scale: float = 1.0,
+                 scheduler: str = constants.DEFAULT_SCHEDULER, height: Optional[int] = None,
                  width: Optional[int] = None, num_images: int = 1, seed=0,
                  reference_config: Optional[ReferenceConfig] = None, fit: str = "pad", pose_kind: str = "auto",
                  pose_options=None, latents=None, output_type: str = "pil", progress: bool = False):
@@ -210,90 +188,108 @@ class RetargetPipeline(SamplingPipeline):
         if appearance_guidance_scale is not None and self.mode == "controlnet_only":
             raise PMFInputError("appearance guidance needs a reference (mode 'acm' or 'reference_only')")
         sched = self.make_scheduler(scheduler)
-        sources, poses = _pairs(source_image, pose)
+        sources, poses = pairs(source_image, pose)
         first = load_image(sources[0], "source image")
         size = resolve_size(first.shape, height, width)
         prepared = [self.prepare_inputs(first if i == 0 else s, p, *size, fit=fit, pose_kind=pose_kind,
                                         **(pose_options or {})) for i, (s, p) in enumerate(zip(sources, poses))]
         n = len(prepared) * num_images
-        factor = common.vae_factor(self.vae)
-        latent_shape = (size[0] // factor, size[1] // factor, self.unet.in_channels)
-        latents = self.check_latents(latents, n, latent_shape)
-        rows = 2 if appearance_guidance_scale is None else 3
+        static = self.make_static(size, num_inference_steps=num_inference_steps, scheduler=sched,
+                                  appearance_guidance=appearance_guidance_scale is not None,
+                                  reference_config=reference_config, output_type=output_type)
+        latents = self.check_latents(latents, n, static.latent_shape)
         prompts = common.as_prompt_list(prompt, n, "prompt")
         negatives = common.as_prompt_list(negative_prompt, n, "negative_prompt")
         embedded = self.prompts(negatives + prompts)                  # [2N, T, D]
         neg, pos = embedded[:n], embedded[n:]
         seeds, seed_rows = common.as_seed_list(seed, n)
-        batch = {"seeds": seeds, "rows": seed_rows,
-                 "source": np.repeat(np.stack([to_float(s) for s, _ in prepared]), num_images, 0),
-                 "pose": np.repeat(np.stack([to_float(p) for _, p in prepared]), num_images, 0),
-                 "context": np.stack([neg, pos] + ([pos] if rows == 3 else []), axis=1),   # [N, G, T, D]
-                 "ref_context": pos}
-        if latents is not None:
-            batch["latents"] = latents
-        scalars = {"guidance": np.float32(guidance_scale),
-                   "appearance": np.float32(appearance_guidance_scale or 0.0),
-                   "control": np.float32(controlnet_conditioning_scale)}
+        batch = RetargetBatch(
+            seeds=seeds, rows=seed_rows,
+            source=np.repeat(np.stack([to_float(s) for s, _ in prepared]), num_images, 0),
+            pose=np.repeat(np.stack([to_float(p) for _, p in prepared]), num_images, 0),
+            context=np.stack([neg, pos] + ([pos] if static.rows == 3 else []), axis=1),
+            ref_context=pos, latents=latents)
+        scalars = retarget_scalars(guidance_scale, appearance_guidance_scale, controlnet_conditioning_scale)
+        out = self.run_programs(static, batch, scalars, progress=progress, desc=f"retarget ({self.mode})")
+        return self.format_output(out, output_type)
+
+    # ---------------------------------------------------------------------------------------- static, abstract
+    def make_static(self, size, *, num_inference_steps: int = constants.DEFAULT_STEPS,
+                    scheduler: Union[str, Scheduler] = constants.DEFAULT_SCHEDULER, appearance_guidance: bool = False,
+                    reference_config: Optional[ReferenceConfig] = None, output_type: str = "pil") -> RetargetStatic:
+        """The static settings of a call at ``size`` (H, W): ``appearance_guidance`` adds the third guidance row;
+        ``reference_config`` None: :attr:`reference_config` (no reference at all in mode controlnet_only)."""
+        sched = self.make_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
+        factor = common.vae_factor(self.vae)
+        latent_shape = (size[0] // factor, size[1] // factor, self.unet.in_channels)
         reference = None if self.mode == "controlnet_only" else (reference_config or self.reference_config)
-        static = _Static(sched, int(num_inference_steps), rows, reference, latent_shape, output_type)
-        out = self._run(static, batch, scalars, progress=progress, desc=f"retarget ({self.mode})")
-        return self._format(out, output_type)
+        return RetargetStatic(scheduler=sched, steps=int(num_inference_steps), latent_shape=latent_shape,
+                              output_type=output_type, rows=3 if appearance_guidance else 2, reference=reference)
+
+    def abstract_inputs(self, static: RetargetStatic, num_images: int, latents: bool = False):
+        """``(batch, scalars)`` of a call of ``num_images`` images as ShapeDtypeStructs (ahead-of-time compiles)."""
+        factor = common.vae_factor(self.vae)
+        size = (static.latent_shape[0] * factor, static.latent_shape[1] * factor)
+        batch = RetargetBatch.abstract(static, num_images, size, self.prompts.context_shape, latents)
+        return batch, abstract_scalars()
 
     # ------------------------------------------------------------------------------------------ the program
-    # batch: seeds [N] uint32 and rows [N] int32 (noise keys), source [N, H, W, 3] and pose [N, H, W, 3] in
-    # [0, 1], context [N, G, T, D], ref_context [N, T, D], optional latents [N, h, w, C].
-
-    def _extras(self, static: _Static, params, batch, scalars):
+    def precompute(self, static: RetargetStatic, params, batch: RetargetBatch, scalars):
         """What every step reuses: the reference latents [N, h, w, C] and, for reference_timestep "zero", the bank
         (written once, repeated to the G rows)."""
         if static.reference is None:
             return {}
-        extras = {"ref_latents": common.vae_encode(self.vae, params["vae"], batch["source"] * 2.0 - 1.0)}
+        extras = {"ref_latents": common.vae_encode(self.vae, params["vae"], batch.source * 2.0 - 1.0)}
         if static.reference.reference_timestep == "zero":
-            extras["bank"] = self._write_bank(static, params, batch, scalars, extras["ref_latents"],
-                                              jnp.zeros((), jnp.int32))
+            extras["bank"] = self.write_bank(static, params, batch, extras["ref_latents"], jnp.zeros((), jnp.int32))
         return extras
 
-    def _write_bank(self, static: _Static, params, batch, scalars, ref_latents, t):
-        """The reference bank for timestep t, every entry repeated to the G guidance rows: [N·G, L, C]."""
-        cfg_ref, sched, rows = static.reference, static.scheduler, batch["rows"]
+    def write_bank(self, static: RetargetStatic, params, batch: RetargetBatch, ref_latents, t):
+        """The reference bank for timestep t ([] int or float), every entry repeated to the G guidance rows:
+        [N·G, L, C]. The writer is the reference UNet (mode "acm") or the denoising UNet (mode "reference_only")."""
+        cfg_ref, sched, rows = static.reference, static.scheduler, batch.rows
         writer, p_writer = ((self.reference_unet, params["reference"]) if self.mode == "acm"
                             else (self.unet, params["unet"]))
         noise = None
-        if cfg_ref.noise_reference:  # stream 2**20 + t of each image's key (streams 0.. are x_T and DDPM steps)
-            keys = common.row_keys(batch["seeds"], rows)
-            noise = common.row_normal(keys, 2 ** 20 + jnp.round(t).astype(jnp.int32), ref_latents.shape[1:])
+        if cfg_ref.noise_reference:
+            keys = noise_lib.row_keys(batch.seeds, rows)
+            noise = noise_lib.row_normal(keys, noise_lib.REFERENCE_STREAM + jnp.round(t).astype(jnp.int32),
+                                         ref_latents.shape[1:])
 
         def add_noise(x0, eps, tt):  # Euler's timesteps are floats; the training tables take integers
             return sched.add_noise(x0, eps, jnp.round(tt).astype(jnp.int32))
 
         latents, t_write = write_inputs(cfg_ref, ref_latents, jnp.full((rows.shape[0],), t), noise, add_noise)
-        bank = writer.apply({"params": p_writer}, latents, t_write, batch["ref_context"],
-                            method=writer.write_reference)
-        return jax.tree_util.tree_map(lambda b: jnp.repeat(b, static.rows, axis=0), bank)
+        bank = writer.apply({"params": p_writer}, latents, t_write, batch.ref_context, method=writer.write_reference)
+        return jax.tree_util.tree_map(lambda b: rows_lib.repeat_rows(b, static.rows), bank)
 
-    def _model_fn(self, static: _Static, params, batch, scalars, extras, x, t):
-        """x: [N, h, w, C] scaled model input, t: [] -> the guided prediction [N, h, w, C] (module docstring)."""
+    def model_fn(self, static: RetargetStatic, params, batch: RetargetBatch, scalars, extras, x, t):
+        """The guided prediction (module docstring): x [N, h, w, C] scaled model input, t [] -> [N, h, w, C].
+
+        ``extras``: what :meth:`precompute` returns ({"ref_latents"} and, for reference_timestep "zero", "bank")."""
         g, n, cfg_ref = static.rows, x.shape[0], static.reference
-        context = batch["context"].reshape((n * g,) + batch["context"].shape[2:])      # [N·G, T, D]
-        xg, pose = jnp.repeat(x, g, axis=0), jnp.repeat(batch["pose"], g, axis=0)
-        read = {}
+        context = batch.context.reshape((n * g,) + batch.context.shape[2:])      # [N·G, T, D]
+        xg, pose = rows_lib.repeat_rows(x, g), rows_lib.repeat_rows(batch.pose, g)
+        read = None
         if cfg_ref is not None:
-            bank = extras["bank"] if "bank" in extras else self._write_bank(static, params, batch, scalars,
-                                                                            extras["ref_latents"], t)
-            rows = (dict(uncond_mask=jnp.tile(jnp.array([1.0, 0.0]), n)) if g == 2   # u blended by style_fidelity
-                    else dict(ref_mix=jnp.tile(jnp.array([1.0, 0.0, 1.0]), n)))     # u and a without reference
-            read = dict(reference=bank, reference_config=cfg_ref, **rows)
-        cn_read = read if cfg_ref is not None and cfg_ref.controlnet_reads_reference else {}
+            bank = extras["bank"] if "bank" in extras else self.write_bank(static, params, batch,
+                                                                           extras["ref_latents"], t)
+            if g == 2:   # u is blended by style_fidelity
+                read = ReferenceRead.build(bank, cfg_ref, n * g, uncond_mask=rows_lib.row_pattern([1.0, 0.0], n))
+            else:        # u and a without reference
+                read = ReferenceRead.build(bank, cfg_ref, n * g, ref_mix=rows_lib.row_pattern([1.0, 0.0, 1.0], n))
+        cn_read = read if cfg_ref is not None and cfg_ref.controlnet_reads_reference else None
         down, mid = self.controlnet.apply({"params": params["controlnet"]}, xg, t, context, pose,
-                                          conditioning_scale=scalars["control"], **cn_read)
+                                          conditioning_scale=scalars["control"], reference=cn_read)
         eps = self.unet.apply({"params": params["unet"]}, xg, t, context, down_block_additional_residuals=down,
-                              mid_block_additional_residual=mid, **read).astype(jnp.float32)
+                              mid_block_additional_residual=mid, reference=read).astype(jnp.float32)
         if g == 2:
-            u, c = common.split_rows(eps, 2)
+            u, c = rows_lib.split_rows(eps, 2)
             out = common.cfg(u, c, scalars["guidance"])
         else:
-            u, c, a = common.split_rows(eps, 3)
+            u, c, a = rows_lib.split_rows(eps, 3)
             out = common.nested_guidance(u, a, c, scalars["guidance"], scalars["appearance"])
         return out.astype(x.dtype)
+
+
+__all__ = ["MODES", "RetargetBatch", "RetargetPipeline", "RetargetStatic", "pairs"]

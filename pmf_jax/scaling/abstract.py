@@ -141,9 +141,7 @@ def abstract_run(cfg) -> AbstractRun:
         return params, frozen
 
     params, frozen = jax.eval_shape(build, jax.random.key(0))
-    comps = found["components"]
-    if cfg.reference.mode == "reference_only":  # as train/loop.py: the denoising UNet writes the bank
-        comps = dataclasses.replace(comps, reference_unet=comps.unet)
+    comps = found["components"].for_mode(cfg.reference.mode)
     trainable = {part: params[part] for part in comps.trainable}
     frozen_params = {part: p for part, p in params.items() if part not in comps.trainable}
     tx = make_optimizer(cfg.train)

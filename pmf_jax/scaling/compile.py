@@ -112,45 +112,24 @@ def compile_train_step(run: AbstractRun, mesh, batch_per_device: int) -> Compile
 # ------------------------------------------------------------------------------------------------ sampling
 
 def retarget_pipeline(run: AbstractRun):
-    """A :class:`~pmf_jax.pipelines.RetargetPipeline` over the run's abstract parts (mode "acm", or
-    "reference_only" when the config says so); its programs can be lowered, not run."""
-    from pmf_jax.pipelines import RetargetPipeline
-    from pmf_jax.training.components import sampling_scheduler_config
+    """The run's :class:`~pmf_jax.pipelines.RetargetPipeline` over its abstract parts
+    (:func:`~pmf_jax.pipelines.from_run.pipeline_from_run`); its programs can be lowered, not run."""
+    from pmf_jax.pipelines.from_run import RunParts, pipeline_from_run
 
-    comps, params = run.components, run.all_params()
-    if comps.controlnet is None:
-        raise PMFInputError("the retarget pipeline needs a pose ControlNet (config train.stage=2)")
-    acm = run.cfg.reference.mode == "acm"
-    vae = (comps.autoencoder, run.frozen["autoencoder"])  # the identity autoencoder too (its patch size)
-    return RetargetPipeline(
-        unet=(comps.unet, params["unet"]), controlnet=(comps.controlnet, params["controlnet"]), vae=vae,
-        reference_unet=(comps.reference_unet, params["reference_unet"]) if acm else None,
-        mode="acm" if acm else "reference_only",
-        scheduler_config=sampling_scheduler_config(comps, run.cfg.train.prediction_type),
-        compilation_cache=False)  # planning leaves JAX's persistent cache setting as it is
+    return pipeline_from_run(RunParts(run.cfg, run.components, run.all_params(), run.frozen))
 
 
 def compile_sampling_step(run: AbstractRun, mesh, batch_per_device: int) -> Dict[str, CompiledProgram]:
     """{"sampling_prologue", "sampling_step", "sampling_epilogue"}: the retarget pipeline's three programs for
-    ``batch_per_device`` images per device, every device of ``mesh`` data parallel (as the pipeline runs)."""
+    ``batch_per_device`` images per device, every device of ``mesh`` data parallel (as the pipeline runs), with
+    the config's sampling settings (:func:`~pmf_jax.pipelines.from_run.sampling_static`)."""
     from pmf_jax.pipelines import common
-    from pmf_jax.pipelines.retarget import _Static
+    from pmf_jax.pipelines.from_run import sampling_static
 
-    cfg, comps = run.cfg, run.components
     pipe = retarget_pipeline(run)
-    rows = 3 if cfg.sampling.reference_guidance_scale != 1.0 else 2   # appearance guidance adds a row
     n = batch_per_device * mesh.size
-    h, w = cfg.data.height_width
-    factor = common.vae_factor(pipe.vae)
-    latent_shape = (h // factor, w // factor, comps.unet.in_channels)
-    static = _Static(pipe.make_scheduler(cfg.sampling.scheduler), cfg.sampling.steps, rows, run.reference_cfg,
-                     latent_shape, "np")
-    t, d = comps.context_shape
-    f32 = jnp.float32
-    batch = {"seeds": jax.ShapeDtypeStruct((n,), jnp.uint32), "rows": jax.ShapeDtypeStruct((n,), jnp.int32),
-             "source": jax.ShapeDtypeStruct((n, h, w, 3), f32), "pose": jax.ShapeDtypeStruct((n, h, w, 3), f32),
-             "context": jax.ShapeDtypeStruct((n, rows, t, d), f32), "ref_context": jax.ShapeDtypeStruct((n, t, d), f32)}
-    scalars = {k: jax.ShapeDtypeStruct((), f32) for k in ("guidance", "appearance", "control")}
+    static = sampling_static(pipe, run.cfg, run.cfg.data.height_width, output_type="np")
+    batch, scalars = pipe.abstract_inputs(static, n)
     sh_rep, sh_batch = replicated(mesh), batch_sharding(mesh)
     if num_batch_shards(mesh) != mesh.size:  # the pipeline puts every device on the batch
         sh_batch = NamedSharding(mesh, P(tuple(mesh.axis_names)))
@@ -166,12 +145,12 @@ def compile_sampling_step(run: AbstractRun, mesh, batch_per_device: int) -> Dict
                                          {"inference_params": param_bytes}, lower_s, compile_s, repeats, args)
         return compiled
 
-    prologue = add("sampling_prologue", lambda *a: pipe._prologue(static, *a), params, batch, scalars)
+    prologue, loop, epilogue = pipe.programs(static)
+    compiled_prologue = add("sampling_prologue", prologue, params, batch, scalars)
     # The loop and the decode take what the prologue returns, laid out as the prologue's compiled program leaves it.
     carry, extras = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                 prologue.out_info)
+                                 compiled_prologue.out_info)
     i32 = jax.ShapeDtypeStruct((), jnp.int32, sharding=sh_rep)
-    add("sampling_step", lambda *a: pipe._loop(static, *a), params, batch, scalars, extras, carry, i32, i32,
-        repeats=static.steps)
-    add("sampling_epilogue", lambda *a: pipe._epilogue(static, *a), params, carry)
+    add("sampling_step", loop, params, batch, scalars, extras, carry, i32, i32, repeats=static.steps)
+    add("sampling_epilogue", epilogue, params, carry)
     return programs

@@ -87,7 +87,7 @@ def sampling_report(run: AbstractRun, mesh_sizes: Dict[str, int], batch_per_devi
     pieces = param_piece_shapes(inference.all_params(), mesh_sizes)
     reports = {name: program_report(p, chip, pieces) for name, p in programs.items()}
     s = run.cfg.sampling
-    rows = 3 if s.reference_guidance_scale != 1.0 else 2
+    rows = 3 if s.reference_guidance_scale is not None else 2
     seconds = {name: r["prediction"]["step_s"] for name, r in reports.items()}
     call_s = seconds["sampling_prologue"] + s.steps * seconds["sampling_step"] + seconds["sampling_epilogue"]
     images = reports["sampling_step"]["global_batch"]

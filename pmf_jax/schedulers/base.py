@@ -25,6 +25,7 @@ import numpy as np
 
 from pmf_jax.errors import PMFInputError
 from pmf_jax.schedulers import betas as betas_lib
+from pmf_jax.schedulers import noise as noise_lib
 
 # diffusers keys of the schedulers that have dynamic thresholding (Imagen); we only implement it off, and its two
 # parameters do nothing while it is off
@@ -224,18 +225,46 @@ class Scheduler:
         memory, prev = self._update(coef, state.memory, model_output.astype(dtype), sample.astype(dtype), noise)
         return state.replace(step_index=i + 1, memory=memory), prev.astype(sample.dtype)
 
+    def denoise(self, model_fn: Callable[[jax.Array, jax.Array], jax.Array], carry: Tuple[SchedulerState, jax.Array],
+                start, stop, *, keys: Optional[jax.Array] = None,
+                noise: Optional[jax.Array] = None) -> Tuple[SchedulerState, jax.Array]:
+        """Steps ``[start, stop)`` (ints or traced int32 scalars) as one ``fori_loop``: for every step i,
+        ``x = step(model_fn(scale_model_input(x), t_i), x)``.
+
+        Args:
+          carry: ``(state, x [B, H, W, C])``.
+          keys: [B] per-image PRNG keys for stochastic schedulers (DDPM): step i draws stream ``1 + i`` of each
+            image's key (:mod:`pmf_jax.schedulers.noise`).
+          noise: [n, B, H, W, C] explicit per-step noise instead of ``keys``.
+        Returns:
+          the carry after step ``stop - 1``.
+        """
+        def body(i, carry):
+            state, x = carry
+            out = model_fn(self.scale_model_input(state, x), state.timesteps[i])
+            step_noise = None
+            if noise is not None:
+                step_noise = noise[i]
+            elif self.NEEDS_NOISE:
+                step_noise = noise_lib.row_normal(keys, noise_lib.step_stream(i), x.shape[1:], x.dtype)
+            return self.step(state, out, x, noise=step_noise)
+
+        return jax.lax.fori_loop(start, stop, body, carry)
+
     def sample(self, model_fn: Callable[[jax.Array, jax.Array], jax.Array], x_T: jax.Array, num_steps: int, *,
                key: Optional[jax.Array] = None, noise: Optional[jax.Array] = None) -> jax.Array:
         """Runs the whole reverse process as one ``fori_loop`` (jit-compatible; call it inside your ``jax.jit``).
 
         Like a diffusers pipeline: x = x_T · init_noise_sigma, then for every step
-        ``x = step(model_fn(scale_model_input(x), t), x)``.
+        ``x = step(model_fn(scale_model_input(x), t), x)`` (:meth:`denoise`).
 
         Args:
           model_fn: ``(x [B, H, W, C], t []) -> model output [B, H, W, C]`` (ε, v or x0 per ``prediction_type``).
           x_T: [B, H, W, C] standard normal noise.
           num_steps: number of inference steps (a Python int).
-          key: PRNG key for stochastic schedulers (DDPM); step i uses ``normal(fold_in(key, i))``.
+          key: PRNG key for stochastic schedulers (DDPM): one key (image b uses ``fold_in(key, b)``) or [B] keys,
+            one per image; step i draws stream ``1 + i`` of each image's key, as the pipelines do
+            (:mod:`pmf_jax.schedulers.noise`), so ``key=jax.random.key(seed)`` draws a pipeline's step noise.
           noise: [n, B, H, W, C] explicit per-step noise instead of ``key`` (tests, reproducing torch runs).
         Returns:
           x_0 [B, H, W, C] in x_T's dtype.
@@ -246,19 +275,9 @@ class Scheduler:
             raise PMFInputError(f"{type(self).__name__} sampling is stochastic: pass `key` (or `noise`)")
         if noise is not None and noise.shape != (n,) + x_T.shape:
             raise PMFInputError(f"noise has shape {noise.shape}, expected {(n,) + x_T.shape} (one draw per step)")
+        keys = noise_lib.image_keys(key, x_T.shape[0]) if key is not None and noise is None else None
         x = (x_T * state.init_noise_sigma).astype(x_T.dtype)
-
-        def body(i, carry):
-            state, x = carry
-            out = model_fn(self.scale_model_input(state, x), state.timesteps[i])
-            step_noise = None
-            if noise is not None:
-                step_noise = noise[i]
-            elif self.NEEDS_NOISE:
-                step_noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-            return self.step(state, out, x, noise=step_noise)
-
-        _, x = jax.lax.fori_loop(0, n, body, (state, x))
+        _, x = self.denoise(model_fn, (state, x), 0, n, keys=keys, noise=noise)
         return x
 
     # ---- subclass hooks -----------------------------------------------------------------------------------------

@@ -26,8 +26,7 @@ if jax.device_count() != 8:
 def test_three_pairs_sharded_over_eight_devices(tmp_path):
     jax.config.update("jax_default_matmul_precision", "highest")
     models = build_pixel_models(tmp_path)
-    pipe = RetargetPipeline(*models[:2], reference_unet=models[2], mode="acm", scheduler_config=SCHEDULE,
-                            compilation_cache=False)
+    pipe = RetargetPipeline(*models[:2], reference_unet=models[2], mode="acm", scheduler_config=SCHEDULE)
     sources, poses, x = pixel_inputs(3, seed=4)
     config = ReferenceConfig(style_fidelity=0.5, reference_timestep="zero")
     got = pipe(list(sources), list(poses), num_inference_steps=1, guidance_scale=2.5, scheduler="ddim",
@@ -35,5 +34,5 @@ def test_three_pairs_sharded_over_eight_devices(tmp_path):
                output_type="latent")
     assert got.shape == x.shape
     assert rel_err(got, reference_step(models, sources, poses, x, config, 2.5)) <= 1e-5
-    placed = jax.tree_util.tree_leaves(pipe._placed)[0]
+    placed = jax.tree_util.tree_leaves(pipe.placed_params())[0]
     assert len(placed.sharding.device_set) == 8 and placed.sharding.is_fully_replicated

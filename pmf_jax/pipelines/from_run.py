@@ -1,0 +1,125 @@
+"""The retarget pipeline of a training run or a config, and what a config's ``sampling`` section means to it.
+
+One place for what the trainer's previews, the demo's evaluation (``train/retarget_eval.py``), ``pmf eval generate``
+and ``pmf scaling`` each need:
+
+  * :func:`pipeline_from_run`: the :class:`~pmf_jax.pipelines.RetargetPipeline` of a run in memory
+    (:class:`RunParts`: components, parameters, frozen parts; parameters may be ShapeDtypeStructs for
+    ahead-of-time compiles) or of a config naming model folders (``model.base``, ``model.controlnet``,
+    ``model.reference_unet``). The mode is ``reference.mode``: "acm" gives the pipeline the run's reference UNet,
+    "reference_only" lets the denoising UNet write its own bank, "controlnet_only" reads no bank.
+  * :func:`sampling_kwargs`: ``cfg.sampling`` + ``cfg.reference`` as the pipeline call's keyword arguments, meaning
+    what the CLI's options mean (``sampling.reference_guidance_scale`` null: no appearance guidance, 2 guidance
+    rows; a number: ``appearance_guidance_scale``, 3 rows).
+  * :func:`sampling_static`: the static settings of that call (what the compiled programs are specialised on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import numpy as np
+
+from pmf_jax.errors import PMFInputError
+from pmf_jax.pipelines.retarget import RetargetPipeline
+from pmf_jax.pipelines.retarget_inputs import RetargetStatic
+
+
+@dataclasses.dataclass(frozen=True)
+class RunParts:
+    """A training run in memory.
+
+    cfg: its :class:`~pmf_jax.config.Config`; components: :class:`pmf_jax.training.components.Components`;
+    params: {part: tree} of the UNet-like parts ("unet", "controlnet", "reference_unet"); frozen: {"autoencoder":
+    tree, "context": [1, T, D] the empty prompt's text context}.
+    """
+
+    cfg: Any
+    components: Any
+    params: Dict[str, Any]
+    frozen: Dict[str, Any]
+
+
+def run_mode(cfg, mode: Optional[str] = None) -> str:
+    """The pipeline mode: ``mode`` if given, else the config's ``reference.mode``."""
+    return mode or cfg.reference.mode
+
+
+def pipeline_params(mode: str, params: Dict[str, Any], frozen: Dict[str, Any]) -> Dict[str, Any]:
+    """A run's parameters as :attr:`RetargetPipeline.params` for ``mode`` (for
+    :meth:`~pmf_jax.pipelines.base.SamplingPipeline.set_params` on a pipeline of :func:`pipeline_from_run`)."""
+    out = {"unet": params["unet"], "controlnet": params["controlnet"], "vae": frozen["autoencoder"]}
+    if mode == "acm":
+        out["reference"] = params["reference_unet"]
+    return out
+
+
+def _context(frozen) -> np.ndarray:
+    """The fixed text context [T, D] of a prompt-free pipeline: the run's empty-prompt context (zeros of its shape
+    when the run is abstract: only the shape matters there)."""
+    context = frozen["context"]
+    if isinstance(context, jax.ShapeDtypeStruct):
+        return np.zeros(context.shape[1:], np.float32)
+    return np.asarray(context[0])
+
+
+def pipeline_from_run(run, *, mode: Optional[str] = None) -> RetargetPipeline:
+    """The retarget pipeline of ``run``: a :class:`RunParts` (a run in memory), or a config whose ``model``
+    section names folders (``model.base`` an SD folder; ``model.reference_unet`` null: the base UNet, an untrained
+    ACM). ``mode``: default the config's ``reference.mode``."""
+    if isinstance(run, RunParts):
+        return _from_parts(run, run_mode(run.cfg, mode))
+    return _from_folders(run, run_mode(run, mode))
+
+
+def _from_parts(run: RunParts, mode: str) -> RetargetPipeline:
+    from pmf_jax.training.components import sampling_scheduler_config
+
+    comps = run.components
+    if comps.controlnet is None:
+        raise PMFInputError("the retarget pipeline needs a pose ControlNet (config train.stage=2)")
+    params = pipeline_params(mode, run.params, run.frozen)
+    return RetargetPipeline(
+        unet=(comps.unet, params["unet"]), controlnet=(comps.controlnet, params["controlnet"]),
+        vae=(comps.autoencoder, params["vae"]),  # the identity autoencoder too (its patch size)
+        reference_unet=(comps.reference_unet, params["reference"]) if mode == "acm" else None, mode=mode,
+        context=_context(run.frozen),
+        scheduler_config=sampling_scheduler_config(comps, run.cfg.train.prediction_type))
+
+
+def _from_folders(cfg, mode: str) -> RetargetPipeline:
+    model = cfg.model
+    if model.controlnet is None:
+        raise PMFInputError("config model.controlnet is null; the retarget pipeline needs the pose ControlNet")
+    # null reference_unet: the ACM as initialised, i.e. the base model's UNet (load_model finds <base>/unet).
+    reference_unet = (model.reference_unet or model.base) if mode == "acm" else None
+    return RetargetPipeline.from_pretrained(model.base, controlnet=model.controlnet, reference_unet=reference_unet,
+                                            mode=mode, dtype=model.dtype, attention_backend=model.attention_backend,
+                                            revision=model.revision)
+
+
+def sampling_kwargs(cfg, mode: Optional[str] = None) -> Dict[str, Any]:
+    """Keyword arguments of :meth:`RetargetPipeline.__call__` from ``cfg.sampling`` and ``cfg.reference`` (all but
+    the seed, the inputs and the output): steps, scheduler, text / appearance guidance, ControlNet scale and the
+    reference settings. Mode "controlnet_only" reads no reference, so it gets no appearance guidance.
+
+    ``sampling.eta`` is not read: the DDIM sampler is deterministic (η = 0) only."""
+    s = cfg.sampling
+    appearance = None if run_mode(cfg, mode) == "controlnet_only" else s.reference_guidance_scale
+    return dict(num_inference_steps=s.steps, scheduler=s.scheduler, guidance_scale=s.text_guidance_scale,
+                appearance_guidance_scale=appearance, controlnet_conditioning_scale=s.controlnet_scale,
+                reference_config=cfg.reference.to_reference_config())
+
+
+def sampling_static(pipe: RetargetPipeline, cfg, size: Tuple[int, int], output_type: str = "np",
+                    mode: Optional[str] = None) -> RetargetStatic:
+    """The static settings of ``pipe`` called with :func:`sampling_kwargs` at ``size`` (H, W)."""
+    kw = sampling_kwargs(cfg, mode or pipe.mode)
+    return pipe.make_static(size, num_inference_steps=kw["num_inference_steps"], scheduler=kw["scheduler"],
+                            appearance_guidance=kw["appearance_guidance_scale"] is not None,
+                            reference_config=kw["reference_config"], output_type=output_type)
+
+
+__all__ = ["RunParts", "pipeline_from_run", "pipeline_params", "run_mode", "sampling_kwargs", "sampling_static"]

@@ -1,0 +1,74 @@
+"""What one :class:`~pmf_jax.pipelines.RetargetPipeline` call hands its programs: the static settings
+(:class:`RetargetStatic`, one compiled program set each), the batch (:class:`RetargetBatch`, a pytree of [N, ...]
+arrays) and the traced scalars (:func:`retarget_scalars`), with their abstract versions for ahead-of-time compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pmf_jax.pipelines.base import SamplingStatic
+from pmf_jax.reference import ReferenceConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RetargetStatic(SamplingStatic):
+    """:class:`~pmf_jax.pipelines.base.SamplingStatic` plus the guidance layout and the reference settings."""
+
+    rows: int                                # G guidance rows per sample: 2 ([u, c]) or 3 ([u, c, a])
+    reference: Optional[ReferenceConfig]     # None: no reference bank (mode controlnet_only)
+
+
+@flax.struct.dataclass
+class RetargetBatch:
+    """The N samples of one call (host or device arrays, or ``jax.ShapeDtypeStruct``s).
+
+    seeds: [N] uint32 and rows: [N] int32, each image's noise key (:func:`pmf_jax.schedulers.noise.row_keys`);
+    source: [N, H, W, 3] float32 in [0, 1], the person; pose: [N, H, W, 3] float32 in [0, 1], the skeleton;
+    context: [N, G, T, D] float32, the text context of each guidance row; ref_context: [N, T, D] float32, the
+    reference UNet's context (the prompt); latents: None, or [N, h, w, C] float32 x_T instead of seeded noise.
+    """
+
+    seeds: Any
+    rows: Any
+    source: Any
+    pose: Any
+    context: Any
+    ref_context: Any
+    latents: Any = None
+
+    @classmethod
+    def abstract(cls, static: RetargetStatic, num_images: int, image_size: Tuple[int, int],
+                 context_shape: Tuple[int, int], latents: bool = False) -> "RetargetBatch":
+        """The batch of ``num_images`` samples of ``image_size`` (H, W) as ShapeDtypeStructs (``context_shape``:
+        [T, D]); with ``latents`` the x_T input too."""
+        n, (h, w), f32 = num_images, image_size, jnp.float32
+        image = jax.ShapeDtypeStruct((n, h, w, 3), f32)
+        return cls(seeds=jax.ShapeDtypeStruct((n,), jnp.uint32), rows=jax.ShapeDtypeStruct((n,), jnp.int32),
+                   source=image, pose=image,
+                   context=jax.ShapeDtypeStruct((n, static.rows) + tuple(context_shape), f32),
+                   ref_context=jax.ShapeDtypeStruct((n,) + tuple(context_shape), f32),
+                   latents=jax.ShapeDtypeStruct((n,) + tuple(static.latent_shape), f32) if latents else None)
+
+
+SCALARS = ("guidance", "appearance", "control")
+
+
+def retarget_scalars(guidance_scale: float, appearance_guidance_scale: Optional[float],
+                     controlnet_conditioning_scale: float) -> Dict[str, np.float32]:
+    """The traced scalars of a call: {"guidance", "appearance" (0 when off: unused), "control"}."""
+    return {"guidance": np.float32(guidance_scale), "appearance": np.float32(appearance_guidance_scale or 0.0),
+            "control": np.float32(controlnet_conditioning_scale)}
+
+
+def abstract_scalars() -> Dict[str, jax.ShapeDtypeStruct]:
+    return {k: jax.ShapeDtypeStruct((), jnp.float32) for k in SCALARS}
+
+
+__all__ = ["RetargetBatch", "RetargetStatic", "SCALARS", "abstract_scalars", "retarget_scalars"]
