@@ -7,7 +7,6 @@ initialisation; nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any, Dict
@@ -121,13 +120,6 @@ def make_tokenizer():
 
     Token ids do not change the text encoder's cost, and a synthetic vocabulary needs no download.
     """
-    from transformers import CLIPTokenizer
+    from pmf_jax.models.letter_tokenizer import letter_tokenizer
 
-    folder = Path(tempfile.mkdtemp(prefix="pmf_bench_tokenizer_"))
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {c: i for i, c in enumerate(letters)}
-    vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
-    vocab.update({"an</w>": 52, "<|startoftext|>": 53, "<|endoftext|>": 54})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\na n</w>\n")
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
+    return letter_tokenizer(Path(tempfile.mkdtemp(prefix="pmf_bench_tokenizer_")), model_max_length=77)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pmf_jax.metrics import FeatureExtractor
-from tiny_tokenizer import write_clip_vocab
+from pmf_jax.models.letter_tokenizer import write_letter_vocab
 
 
 def random_conv_features(seed=0, dim=8) -> FeatureExtractor:
@@ -44,7 +44,7 @@ def tiny_clip(folder, seed=0):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    write_clip_vocab(folder, merge=None)  # bos 52, eos 53
+    write_letter_vocab(folder, merge=None)  # bos 52, eos 53
     tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)

@@ -13,7 +13,7 @@ import pmf_jax.io as pio
 from pmf_jax.errors import PMFInputError
 from pmf_jax.models.clip_text import CLIPTextModel, CLIPTextOutput, load_tokenizer
 from parity import rel_err
-from tiny_tokenizer import write_clip_vocab
+from pmf_jax.models.letter_tokenizer import write_letter_vocab
 
 transformers = pytest.importorskip("transformers")
 
@@ -185,7 +185,7 @@ def test_config_errors_and_generic_keys():
 
 
 def test_load_tokenizer(tmp_path):
-    vocab = write_clip_vocab(tmp_path / "pipe" / "tokenizer", merge="ab")
+    vocab = write_letter_vocab(tmp_path / "pipe" / "tokenizer", merge="ab")
     tokenizer = load_tokenizer(tmp_path / "pipe")
     ids = tokenizer(["ab c"], padding="max_length", max_length=6, truncation=True).input_ids
     assert ids == [[53, vocab["ab</w>"], vocab["c</w>"], 54, 54, 54]]

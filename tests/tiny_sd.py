@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny_tokenizer import tiny_clip_tokenizer
+from pmf_jax.models.letter_tokenizer import letter_tokenizer
 
 SIZE = 64
 CLIP_DIM = 32
@@ -83,7 +83,7 @@ def build_tiny_sd(root: Path) -> TinySD:
 
     root = Path(root)
     torch.manual_seed(0)
-    tokenizer = tiny_clip_tokenizer(root / "_tokenizer")
+    tokenizer = letter_tokenizer(root / "_tokenizer")
     text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         hidden_size=CLIP_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=64,
         max_position_embeddings=16, bos_token_id=53, eos_token_id=54, pad_token_id=54)).eval()

@@ -1,4 +1,5 @@
-"""The tiny CLIP tokenizer of the tests: a BPE vocabulary of lower-case letters, written as vocab.json + merges.txt.
+"""A tiny CLIP tokenizer for tiny random models (the tests, ``bench --tiny``): a BPE vocabulary of lower-case
+letters, written as vocab.json + merges.txt.
 
 Token ids: letters 0-25, letters ending a word ("a</w>") 26-51, then the merged word (if any, e.g. "an</w>" = 52),
 "<|startoftext|>" and "<|endoftext|>". No download: transformers' CLIPTokenizer reads the folder.
@@ -13,7 +14,7 @@ from typing import Dict, Optional
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
-def write_clip_vocab(folder: Path, merge: Optional[str] = "an") -> Dict[str, int]:
+def write_letter_vocab(folder: Path, merge: Optional[str] = "an") -> Dict[str, int]:
     """Writes ``folder/vocab.json`` and ``folder/merges.txt`` (folder created) and returns the vocabulary.
 
     Args:
@@ -32,9 +33,9 @@ def write_clip_vocab(folder: Path, merge: Optional[str] = "an") -> Dict[str, int
     return vocab
 
 
-def tiny_clip_tokenizer(folder: Path, merge: Optional[str] = "an", model_max_length: int = 16):
-    """A transformers ``CLIPTokenizer`` over :func:`write_clip_vocab`'s files in ``folder``."""
+def letter_tokenizer(folder: Path, merge: Optional[str] = "an", model_max_length: int = 16):
+    """A transformers ``CLIPTokenizer`` over :func:`write_letter_vocab`'s files in ``folder``."""
     from transformers import CLIPTokenizer
 
-    write_clip_vocab(folder, merge)
+    write_letter_vocab(folder, merge)
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=model_max_length)
