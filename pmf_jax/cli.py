@@ -3,10 +3,12 @@
 A subcommand module exports ``add_parser(subparsers)`` (adds its argparse sub-parser) and ``run(args) -> int``
 (the exit status); register it in :data:`COMMANDS`. Modules keep their heavy imports (JAX, models) inside ``run``,
 so ``pmf X --help`` and input errors answer at once. A :class:`~pmf_jax.errors.PMFInputError` anywhere becomes one
-line ``error: ...`` on stderr and exit status 2, without a traceback.
+line ``error: ...`` on stderr (its ``cli_message`` when it has one: the flags' spelling) and exit status 2, without a
+traceback.
 
 Before a command runs, :func:`pmf_jax.runtime.setup` sets the process-wide state (the persistent compilation cache
-for the commands that compile sampling programs: :func:`pmf_jax.commands.options.compilation_cache`).
+for the commands that compile sampling programs: :func:`pmf_jax.commands.options.compilation_cache`; quiet library
+logs unless ``pmf -v COMMAND`` or ``$PMF_VERBOSE=1``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pmf", description="PoseMaster Fusion: diffusion-based 2D human pose "
                                                              "retargeting in JAX.")
     parser.add_argument("--version", action="version", version=f"pmf_jax {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", default=None,
+                        help="show the libraries' log lines (absl/orbax, TFDS, TensorFlow's C++ log), which are "
+                             "hidden by default; goes before COMMAND (also: PMF_VERBOSE=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS.values():
         importlib.import_module(module).add_parser(subparsers)
@@ -51,10 +56,10 @@ def one_line(message: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        runtime.setup(options.compilation_cache(args))
+        runtime.setup(options.compilation_cache(args), verbose=args.verbose)
         return int(importlib.import_module(COMMANDS[args.command]).run(args) or 0)
     except PMFInputError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        print(f"error: {one_line(err.cli_message or err)}", file=sys.stderr)
         return INPUT_ERROR_STATUS
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -42,3 +42,10 @@ SD15_NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta
 # SD1.5's scheduler config as its scheduler/scheduler_config.json gives it to a sampler (less the PNDM-only keys):
 # the noise schedule plus the timestep offset of its "leading" spacing.
 SD15_SCHEDULER_CONFIG = dict(SD15_NOISE_SCHEDULE, steps_offset=1)
+
+# The most pixels (height x width) an image may have: checked from a file's header before it is decoded, and for every
+# size asked of an image or a canvas (`pmf pose render`, --height x --width), so that a decompression bomb or a
+# mistyped size is one clear error rather than a 30 GB allocation. 100 megapixels: a 12000x8000 photo passes; an RGB
+# image that large is 300 MB decoded. The environment variable MAX_IMAGE_PIXELS_ENV, if set, replaces it.
+MAX_IMAGE_PIXELS = 100_000_000
+MAX_IMAGE_PIXELS_ENV = "PMF_MAX_IMAGE_PIXELS"

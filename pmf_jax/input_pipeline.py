@@ -25,6 +25,7 @@ from absl import flags as absl_flags
 from pmf_jax.errors import PMFInputError
 from pmf_jax.pose.keypoints import affine_keypoints, flip_keypoints
 from pmf_jax.pose.render import line_widths_for, render_pose
+from pmf_jax.progress import tfds_bars
 from pmf_jax.runtime import BUILDERS_DIR
 
 # Dataset name -> builder module, importable with BUILDERS_DIR on sys.path (`tfds build data/<name>` imports the same
@@ -107,8 +108,11 @@ def build(name: str, data_dir: str | Path, config=None, manual_dir: str | Path |
         )
 
     b = builder(name, data_dir, config, **builder_kwargs)
+    if b.is_prepared():
+        return b
     download_config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
-    b.download_and_prepare(download_config=download_config)
+    with tfds_bars(f"preparing {name}/{b.builder_config.name if b.builder_config else ''} in {data_dir}"):
+        b.download_and_prepare(download_config=download_config)
     return b
 
 

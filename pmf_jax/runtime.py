@@ -8,18 +8,26 @@ What :func:`setup` sets:
   * ``data/`` on ``sys.path``: the TFDS builders there import each other by top-level name (``pairs_common``), the
     way ``tfds build data/<name>`` imports them, so both register one builder class;
   * absl's flags marked parsed: grain's worker processes read its absl flags, and programs that do not parse absl
-    flags themselves get the defaults.
+    flags themselves get the defaults;
+  * quiet library logs (:func:`set_verbosity`), unless ``-v`` / ``$PMF_VERBOSE=1`` asks for them: absl's Python
+    logger at ERROR (orbax's "Given directory is read only" on every read of a run, TFDS's "Variant folder ... has no
+    dataset_info.json" for every folder it probes), and TensorFlow's C++ INFO/WARNING lines and oneDNN banner
+    (``TF_CPP_MIN_LOG_LEVEL=2``, ``TF_ENABLE_ONEDNN_OPTS=0``; TensorFlow only reads and writes TFDS files here, so
+    its oneDNN kernels change no result). The environment variables reach the processes the entry point starts
+    (grain workers, the demo's ``python -m train`` and ``pmf`` runs); values the user set are kept.
 
 No JAX import at module level: the CLI imports this before it knows whether a command needs JAX.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Optional, Union
 
+from pmf_jax import progress
 from pmf_jax.errors import PMFInputError
 
 DEFAULT_CACHE_DIR = Path("~/.cache/pmf_jax/jax_cache")
@@ -28,6 +36,11 @@ CACHE_ENV = "PMF_JAX_CACHE_DIR"
 BUILDERS_DIR = Path(__file__).resolve().parent.parent / "data"
 
 CacheSetting = Union[str, os.PathLike, None, bool]
+
+VERBOSE_ENV = "PMF_VERBOSE"
+# Read by TensorFlow when it loads (TFDS loads it), so they are set before anything imports it.
+QUIET_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
+QUIET_LOGGERS = {"absl": logging.ERROR}  # orbax and TFDS log through absl
 
 
 def enable_compilation_cache(cache_dir: CacheSetting = None) -> Optional[Path]:
@@ -74,14 +87,32 @@ def mark_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def setup(compilation_cache: CacheSetting = None) -> Optional[Path]:
+def set_verbosity(verbose: Optional[bool] = None) -> bool:
+    """Quiet library logs (the default) or the libraries' own levels (``verbose``), for this process and the
+    processes it starts (module docstring). ``verbose=None``: ``$PMF_VERBOSE`` decides (``1`` = verbose). Verbose
+    sets ``$PMF_VERBOSE=1`` for the child processes and changes nothing else. Returns whether verbose."""
+    if verbose is None:
+        verbose = os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes")
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+        return True
+    for name, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+    return False
+
+
+def setup(compilation_cache: CacheSetting = None, verbose: Optional[bool] = None) -> Optional[Path]:
     """Everything an entry point sets up (module docstring). ``compilation_cache``: as ``cache_dir`` of
-    :func:`enable_compilation_cache` (``False``: leave JAX's cache setting alone). Returns the cache folder in use,
-    or None."""
+    :func:`enable_compilation_cache` (``False``: leave JAX's cache setting alone). ``verbose``: as
+    :func:`set_verbosity` (None: ``$PMF_VERBOSE``). Returns the cache folder in use, or None."""
+    set_verbosity(verbose)
+    progress.interval_s()  # a bad $PMF_PROGRESS_INTERVAL is an input error before any work, not after it
     add_dataset_builders()
     mark_absl_flags_parsed()
     return enable_compilation_cache(compilation_cache)
 
 
-__all__ = ["BUILDERS_DIR", "CACHE_ENV", "DEFAULT_CACHE_DIR", "add_dataset_builders", "enable_compilation_cache",
-           "mark_absl_flags_parsed", "setup"]
+__all__ = ["BUILDERS_DIR", "CACHE_ENV", "DEFAULT_CACHE_DIR", "QUIET_ENVIRONMENT", "QUIET_LOGGERS", "VERBOSE_ENV",
+           "add_dataset_builders", "enable_compilation_cache", "mark_absl_flags_parsed", "set_verbosity", "setup"]

@@ -2,9 +2,10 @@
 
 The run folder is what ``train.loop.train_and_evaluate`` writes for configs/tiny_synthetic.yaml with the small UNet of
 train_fixtures (48 channels: 64x64 pixels in 4x4 patches): ``config.yaml`` + ``components.json`` (the loop's
-``write_run_info``) and orbax checkpoints at steps 1 and 2 (``train.checkpointing.save`` of a ``TrainState`` from
-``init_state``). The parameter trees are those of ``components.build`` (run under ``jax.eval_shape``, so no init is
-compiled) filled with random "trained" values (ControlNet zero convs included), and a different EMA copy.
+``write_run_info``) and orbax checkpoints at steps 1 and 2 (``train.checkpointing.RunCheckpoints`` of a
+``TrainState`` from ``init_state``). The parameter trees are those of ``components.build`` (run under
+``jax.eval_shape``, so no init is compiled) filled with random "trained" values (ControlNet zero convs included), and
+a different EMA copy.
 tests/multidevice/test_convert_sharded.py writes it sharded over 8 devices and exports it on the host.
 """
 
@@ -75,7 +76,7 @@ def write_run(root: Path, run_dir: Path, *extra: str, place=None, steps=STEPS) -
     write_run_info(run_dir, cfg, comps)
     trainable = {part: abstract[part] for part in comps.trainable}
     tx = make_optimizer(cfg.train)
-    manager = checkpointing.make_manager(run_dir, keep=5, async_saves=False)
+    checkpoints = checkpointing.RunCheckpoints(run_dir, keep=5, async_saves=False)  # as the trainer saves
     saved = {}
     for step in steps:
         state = init_state(random_params(trainable, seed=step), tx, cfg.train, jax.random.key(0))
@@ -84,12 +85,11 @@ def write_run(root: Path, run_dir: Path, *extra: str, place=None, steps=STEPS) -
         state = state.replace(step=jnp.asarray(step, jnp.int32))
         if place is not None:
             state = place(state, cfg)
-        checkpointing.save(manager, step, state, None)
+        checkpoints.save(step, state, None)
         saved[step] = {"params": jax.tree_util.tree_map(np.asarray, state.params),
                        "ema": None if state.ema_params is None else jax.tree_util.tree_map(np.asarray,
                                                                                           state.ema_params)}
-    manager.wait_until_finished()
-    manager.close()
+    checkpoints.close()
     return saved
 
 

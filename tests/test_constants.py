@@ -78,8 +78,13 @@ def test_the_retarget_command_shares_the_defaults():
 
     args = build_parser().parse_args(["retarget", "--model", "m", "--source", "s.png", "--pose", "p.json",
                                       "--out", "o"])
-    assert (args.scheduler, args.steps, args.guidance_scale, args.pose_kind) == (
-        constants.DEFAULT_SCHEDULER, constants.DEFAULT_STEPS, constants.DEFAULT_GUIDANCE_SCALE, constants.POSE_KINDS[0])
+    from pmf_jax.pipelines.defaults import BUILTIN_SAMPLING
+
+    # unset sampling flags are resolved: the flag, else an export's pmf_config.json, else the shared constants
+    assert (args.scheduler, args.steps, args.guidance_scale, args.pose_kind) == (None, None, None,
+                                                                                 constants.POSE_KINDS[0])
+    assert BUILTIN_SAMPLING == {"scheduler": constants.DEFAULT_SCHEDULER, "steps": constants.DEFAULT_STEPS,
+                                "guidance_scale": constants.DEFAULT_GUIDANCE_SCALE}
     for kind in constants.POSE_KINDS:
         build_parser().parse_args(["retarget", "--model", "m", "--source", "s", "--pose", "p", "--out", "o",
                                    "--pose-kind", kind])

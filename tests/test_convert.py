@@ -123,6 +123,7 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tiny_run, tmp_path, cap
     assert "no checkpoint at step 7" in export(run_dir / "7") and "[1, 2]" in export(run_dir / "7")
     assert "not a pmf_jax training run" in export(tmp_path)
     (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "old_file").write_text("")  # an empty folder is taken as it is
     assert "already exists" in _error(capsys, ["convert", "to-diffusers", "--checkpoint", str(run_dir), "--out",
                                                str(tmp_path / "taken")])
 

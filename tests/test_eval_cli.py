@@ -141,7 +141,7 @@ def test_generate_resumes_and_refuses_other_settings(tiny_sd, data_dir, tmp_path
 
 
 def _random_generated(folder, data_dir, size=(128, 88), prompt=None):
-    """Random images for the test pairs (another size than the ground truth: the scorer resizes them)."""
+    """Random images for the test pairs (another size than the ground truth: scored with resize=True)."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for pair in read_pairs(DATASET, CONFIG, "test", data_dir):
@@ -154,7 +154,7 @@ def _random_generated(folder, data_dir, size=(128, 88), prompt=None):
 def test_score_fid_with_injected_features_and_cached_reference(data_dir, tmp_path):
     folder = _random_generated(tmp_path / "gen", data_dir)
     extractor = random_conv_features(dim=4)
-    kwargs = dict(feature_extractor=extractor, stats_cache=tmp_path / "stats", progress=False)
+    kwargs = dict(feature_extractor=extractor, stats_cache=tmp_path / "stats", resize=True, progress=False)
     results = score(folder, DATASET, CONFIG, data_dir, metrics=("ssim", "psnr", "fid", "clip_score"), **kwargs)
     fid = results["metrics"]["fid"]
     assert fid["available"] and fid["value"] > 0 and fid["n"] == 2 and fid["reference_n"] == 5  # distinct train images
@@ -178,7 +178,8 @@ def test_score_fid_with_injected_features_and_cached_reference(data_dir, tmp_pat
 
 def test_score_without_weights_reports_unavailable_and_computes_the_rest(data_dir, tmp_path):
     folder = _random_generated(tmp_path / "gen", data_dir, prompt="a dress")
-    results = score(folder, DATASET, CONFIG, data_dir, clip_model=str(tmp_path / "no_clip"), progress=False)
+    results = score(folder, DATASET, CONFIG, data_dir, clip_model=str(tmp_path / "no_clip"), resize=True,
+                    progress=False)
     metrics = results["metrics"]
     assert metrics["ssim"]["available"] and metrics["psnr"]["available"]
     for name, reason in (("lpips", "alexnet-owt-7be5be79.pth not found"), ("fid", "pt_inception-2015-12-05"),
@@ -197,8 +198,8 @@ def test_score_input_errors_name_the_input(data_dir, tmp_path, capsys):
     with pytest.raises(PMFInputError, match="not pairs of .*someone___else.png"):
         score(folder, DATASET, CONFIG, data_dir, progress=False)
     (folder / "someone___else.png").unlink()
-    with pytest.raises(PMFInputError, match=f"{missing}.*cannot be read"):
-        score(folder, DATASET, CONFIG, data_dir, metrics=("ssim",), progress=False)
+    with pytest.raises(PMFInputError, match=f"{missing}.*is not a readable image"):
+        score(folder, DATASET, CONFIG, data_dir, metrics=("ssim",), resize=True, progress=False)
     with pytest.raises(PMFInputError, match="neither a split"):
         score(folder, DATASET, CONFIG, data_dir, fid_reference="validation", progress=False)
     # The CLI prints such errors on one line and exits 2.

@@ -3,11 +3,16 @@
 Here:
 * the result PNGs of fixed-seed ``pmf retarget`` runs on a tiny export with what tests/test_cli_retarget.py does not
   run (the stochastic DDPM sampler's noise streams, 3-row appearance guidance, a ControlNet reading the bank,
-  ``reference_timestep="zero"`` with Euler) — byte-identical (SHA-256 of the files);
-* the reference bank and the UNet / ControlNet outputs of a tiny reference step — equal within 1e-6.
+  ``reference_timestep="zero"`` with Euler);
+* the reference bank and the UNet / ControlNet outputs of a tiny reference step.
 Beside the tests that already run them (no extra compilation): the PNGs of every mode and of ``pmf enhance`` in
-tests/test_cli_retarget.py (``cli_retarget_sha256.json``), and the first 3 losses of the tiny trainer in
+tests/test_cli_retarget.py (``cli_retarget_pixels.npz``), and the first 3 losses of the tiny trainer in
 tests/test_train.py (``train_loss_first3.json``).
+
+Tolerances: XLA:CPU generates different code for different CPUs (AVX2 vs AVX-512 FMA contraction), so the same
+program gives float results that differ in the last bits from one machine to another. On the machine that recorded
+them the outputs of the refactored code were byte-identical PNGs and arrays equal to 0.0; across machines the PNGs
+may differ by a rounding level (:data:`PIXEL_MAX_DIFF`) and the arrays by :data:`ARRAY_TOLERANCE`.
 
 Recorded with ``PMF_RECORD_GOLDEN=1`` into ``tests/golden/``; a normal run compares. Re-record only for a change that
 is meant to change outputs, and say so in the commit.
@@ -16,7 +21,6 @@ is meant to change outputs, and say so in the commit.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,6 +28,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from convert_fixtures import tiny_export, tiny_run  # noqa: F401  (fixtures)
 from tiny_sd import tiny_sd  # noqa: F401  (fixture)
@@ -42,21 +47,30 @@ def _check_json(name: str, value):
     return json.loads(path.read_text())
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+PIXEL_MAX_DIFF = 2          # uint8 levels, any pixel
+PIXEL_MEAN_DIFF = 0.05      # uint8 levels, mean over an image
+ARRAY_TOLERANCE = 1e-5      # absolute and relative
 
 
-def check_hashes(name: str, hashes: dict) -> None:
-    """``hashes`` (a subset of the recorded ones) equal the file ``tests/golden/<name>.json``, or are recorded."""
-    path = GOLDEN / f"{name}.json"
-    recorded = json.loads(path.read_text()) if path.is_file() else {}
-    expected = _check_json(name, dict(recorded, **hashes) if RECORD else hashes)   # recording merges
-    if expected is not None:
-        assert hashes and hashes == {k: expected.get(k) for k in hashes}
+def check_pixels(name: str, pixels: dict) -> None:
+    """``pixels`` (``{key: uint8 [H, W, C]}``, a subset of the recorded ones) equal ``tests/golden/<name>.npz`` within
+    the module's tolerances, or are recorded (merged into the file)."""
+    path = GOLDEN / f"{name}.npz"
+    recorded = dict(np.load(path)) if path.is_file() else {}
+    if RECORD:
+        GOLDEN.mkdir(exist_ok=True)
+        np.savez_compressed(path, **dict(recorded, **pixels))
+        return
+    assert pixels and set(pixels) <= set(recorded), sorted(set(pixels) - set(recorded))
+    for key, image in pixels.items():
+        assert image.shape == recorded[key].shape, key
+        diff = np.abs(image.astype(np.int16) - recorded[key].astype(np.int16))
+        assert diff.max() <= PIXEL_MAX_DIFF and diff.mean() <= PIXEL_MEAN_DIFF, (key, diff.max(), diff.mean())
 
 
-def sha256_of_pngs(folder: Path, key: str) -> dict:
-    return {f"{key}/{p.name}": _sha(p) for p in sorted(folder.glob("*.png"))}
+def pixels_of_pngs(folder: Path, key: str) -> dict:
+    """``{"<key>/<file name>": uint8 pixels}`` of every PNG in ``folder``."""
+    return {f"{key}/{p.name}": np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
 
 
 def _retarget_cases(sd, export):
@@ -67,20 +81,19 @@ def _retarget_cases(sd, export):
                                                 "--controlnet-reads-reference"],
         "export_reference_only_zero": ["retarget", "--model", export, *base, "--mode", "reference_only",
                                        "--num-images", "1", "--reference-timestep", "zero", "--style-fidelity", "0.5",
-                                       "--scheduler", "euler"],
+                                       "--scheduler", "euler", "--guidance-scale", "7.5"],  # not the export's 1.0
     }
 
 
-def test_cli_outputs_are_byte_identical(tiny_sd, tiny_export, tmp_path):
+def test_cli_outputs_equal_the_recorded(tiny_sd, tiny_export, tmp_path):
     from pmf_jax.cli import main
 
-    hashes = {}
+    pixels = {}
     for name, args in _retarget_cases(tiny_sd, tiny_export).items():
         out = tmp_path / name
         assert main([str(a) for a in args + ["--out", out] + COMMON]) == 0, name
-        for png in sorted(out.glob("result_*.png")):
-            hashes[f"{name}/{png.name}"] = _sha(png)
-    check_hashes("cli_png_sha256", hashes)
+        pixels.update({k: v for k, v in pixels_of_pngs(out, name).items() if "/result_" in k})
+    check_pixels("cli_pixels", pixels)
 
 
 REFERENCE_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
@@ -138,4 +151,4 @@ def test_reference_step_arrays():
     expected = dict(np.load(path))
     assert sorted(arrays) == sorted(expected)
     for name, value in expected.items():
-        np.testing.assert_allclose(arrays[name], value, rtol=1e-6, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(arrays[name], value, rtol=ARRAY_TOLERANCE, atol=ARRAY_TOLERANCE, err_msg=name)

@@ -315,3 +315,24 @@ def test_default_weights_come_from_the_hf_cache(tmp_path, random_weights, monkey
     assert detect.find_detector_weights()["body"] == snapshot / detect.BODY_FILE
     with pytest.raises(PMFInputError, match="facenet.pth"):
         detect.find_detector_weights(face=True)
+
+
+def test_transparent_pose_images_skeleton_on_black_doodle_on_white(tmp_path):
+    from PIL import Image
+
+    skeleton = render_pose(spread_joints(120, 80), 120, 80)
+    alpha = np.where(skeleton.any(-1), 255, 0).astype(np.uint8)
+    transparent = np.concatenate([skeleton, alpha[..., None]], -1)
+    transparent[alpha == 0, :3] = 255  # what an editor may store under transparent pixels
+    Image.fromarray(transparent, "RGBA").save(tmp_path / "skeleton.png")
+    cond = inputs.resolve_pose(tmp_path / "skeleton.png", (120, 80))
+    assert cond.kind == "skeleton"
+    np.testing.assert_array_equal(cond.image, skeleton)
+    assert inputs.resolve_pose(Image.open(tmp_path / "skeleton.png"), (120, 80)).kind == "skeleton"
+
+    doodle = np.zeros((120, 80, 4), np.uint8)
+    doodle[10:110, 38:42, 3] = 255  # black strokes on a transparent page
+    doodle[40:44, 10:70, 3] = 255
+    Image.fromarray(doodle, "RGBA").save(tmp_path / "doodle.png")
+    pixels = inputs.pose_pixels(tmp_path / "doodle.png", "pose image")
+    assert pixels[0, 0].tolist() == [255, 255, 255] and pixels[50, 40].tolist() == [0, 0, 0]

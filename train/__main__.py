@@ -12,8 +12,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     parser.add_argument("--config", required=True, help="YAML config (schema: pmf_jax/config.py)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this call")
+    parser.add_argument("-v", "--verbose", action="store_true", default=None,
+                        help="show the libraries' log lines (absl/orbax, TFDS, TensorFlow's C++ log), hidden by "
+                             "default (also: PMF_VERBOSE=1)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 mesh.data=-1")
     args = parser.parse_args(argv)
+    from pmf_jax import runtime
+
+    runtime.set_verbosity(args.verbose)  # before the trainer's imports; its runtime.setup keeps this choice
     from pmf_jax.config import load_config
     from train.loop import TrainingDiverged, train_and_evaluate
 

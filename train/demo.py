@@ -2,10 +2,11 @@
 
 Also exports the run with ``pmf convert to-diffusers`` (``outputs/demo/export``) and runs ``pmf retarget`` on
 one held-out pair (``outputs/demo/retarget``). Writes ``outputs/demo/grid.png`` (rows: test pairs; columns: source | target pose | PMF | PMF without the reference
-bank | ground truth) and ``outputs/demo/metrics.json`` with SSIM and PSNR against the ground truth for (a) the
+bank | ground truth) and ``outputs/demo/metrics.json`` with SSIM, PSNR and the colour error on the person
+(train/demo_metrics.py) against the ground truth for (a) the
 trained PMF model and (b) the same weights with the reference bank disabled at sampling. Appearance reaches the
 output only through the reference, so (a) must beat (b) on identities never seen in training.
-Run from the repository root: ``python -m train.demo [--steps N] [--out DIR]``.
+Run from the repository root: ``python -m train.demo [--out DIR] [--test-pairs N] [key=value ...]``.
 """
 
 from __future__ import annotations
@@ -20,18 +21,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from train.demo_metrics import score
+
 CONFIG = "configs/tiny_synthetic.yaml"
-
-
-def _score(generated: np.ndarray, truth: np.ndarray) -> dict:
-    """SSIM (scikit-image, RGB, data_range 255, 7x7 window) and PSNR per image, averaged; inputs [B,H,W,3] in [-1,1]."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    to_u8 = lambda x: np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)  # noqa: E731
-    g, t = to_u8(generated), to_u8(truth)
-    ssim = [structural_similarity(a, b, channel_axis=-1, data_range=255) for a, b in zip(g, t)]
-    psnr = [peak_signal_noise_ratio(b, a, data_range=255) for a, b in zip(g, t)]
-    return {"ssim": float(np.mean(ssim)), "psnr": float(np.mean(psnr))}
 
 
 def _pmf(*args) -> None:
@@ -47,7 +39,8 @@ def _export_and_retarget_one(cfg, out: Path, result: dict) -> None:
     from PIL import Image
 
     export, retarget = out / "export", out / "retarget"
-    shutil.rmtree(export, ignore_errors=True)
+    for folder in (export, retarget):  # a re-run replaces the last one's (`pmf` refuses a non-empty --out)
+        shutil.rmtree(folder, ignore_errors=True)
     print(f"[demo] pmf convert to-diffusers --checkpoint {cfg.train.output_dir} --out {export}", flush=True)
     _pmf("convert", "to-diffusers", "--checkpoint", cfg.train.output_dir, "--out", export)
     to_u8 = lambda x, low: np.round((np.clip(x, low, 1) - low) / (1 - low) * 255).astype(np.uint8)  # noqa: E731
@@ -55,18 +48,31 @@ def _export_and_retarget_one(cfg, out: Path, result: dict) -> None:
     Image.fromarray(to_u8(result["source"][0], -1.0)).save(out / "test_source.png")
     Image.fromarray(to_u8(result["pose"][0], 0.0)).save(out / "test_pose.png")
     height, width = cfg.data.height_width
+    appearance = cfg.sampling.reference_guidance_scale
+    appearance = [] if appearance is None else ["--appearance-guidance-scale", appearance]
     print(f"[demo] pmf retarget --model {export} ... --out {retarget}", flush=True)
     _pmf("retarget", "--model", export,  # the export supplies its ControlNet, reference UNet, mode, settings
          "--source", out / "test_source.png", "--pose", out / "test_pose.png", "--pose-kind", "skeleton",
          "--steps", cfg.sampling.steps, "--scheduler", cfg.sampling.scheduler, "--guidance-scale",
-         cfg.sampling.text_guidance_scale, "--height", height, "--width", width, "--num-images", 1,
+         cfg.sampling.text_guidance_scale, *appearance, "--height", height, "--width", width, "--num-images", 1,
          "--seed", cfg.sampling.seed, "--out", retarget)
+
+
+def _train_images_per_s(run_dir) -> float | None:
+    """The trainer's median logged images/s over the run (metrics.jsonl rows; the first excluded: it holds the
+    warm-up)."""
+    from train.logs import read_metrics
+
+    rates = [row["images_per_s"] for row in read_metrics(run_dir)[1:] if "images_per_s" in row]
+    return round(float(np.median(rates)), 1) if rates else None
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__)
     parser.add_argument("--out", default="outputs/demo")
     parser.add_argument("--test-pairs", type=int, default=64)
+    parser.add_argument("-v", "--verbose", action="store_true", default=None,
+                        help="show the libraries' log lines, here and in the runs it starts (also: PMF_VERBOSE=1)")
     parser.add_argument("overrides", nargs="*", help="config overrides for the training run (key=value)")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -77,40 +83,45 @@ def main(argv=None) -> dict:
     from pmf_jax.config import load_config
 
     cfg = load_config(CONFIG, [f"data.data_dir={out / 'tfds'}", f"train.output_dir={out / 'run'}", *args.overrides])
-    runtime.setup(None if cfg.train.compilation_cache else False)
+    runtime.setup(None if cfg.train.compilation_cache else False, verbose=args.verbose)
     print(f"[demo] building synthetic_pairs/{cfg.data.builder_config} in {cfg.data.data_dir}", flush=True)
     input_pipeline.build(cfg.data.name, cfg.data.data_dir, config=cfg.data.builder_config)
+    phases = {"build_data": time.perf_counter() - start}
 
     print(f"[demo] training {CONFIG} for {cfg.train.steps} steps (resumes if interrupted)", flush=True)
     overrides = [f"data.data_dir={cfg.data.data_dir}", f"train.output_dir={cfg.train.output_dir}", *args.overrides]
     run = subprocess.run([sys.executable, "-m", "train", "--config", CONFIG, *overrides])
     if run.returncode:
         raise SystemExit(f"training failed with exit code {run.returncode}")
-    train_s = time.perf_counter() - start
+    phases["train"] = time.perf_counter() - start - sum(phases.values())
 
     print("[demo] retargeting held-out test identities", flush=True)
     from train.retarget_eval import generate_test_pairs
 
     result = generate_test_pairs(cfg, num_pairs=args.test_pairs)
-    metrics = {"with_reference": _score(result["generated"], result["target"]),
-               "without_reference": _score(result["generated_no_reference"], result["target"]),
+    metrics = {"with_reference": score(result["generated"], result["target"]),
+               "without_reference": score(result["generated_no_reference"], result["target"]),
                "test_pairs": int(result["target"].shape[0]), "checkpoint_step": result["step"],
-               "train_steps": cfg.train.steps, "train_seconds": round(train_s, 1),
-               "total_seconds": round(time.perf_counter() - start, 1), "devices": jax.device_count(),
-               "platform": jax.default_backend()}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+               "train_steps": cfg.train.steps, "train_images_per_s": _train_images_per_s(cfg.train.output_dir),
+               "devices": jax.device_count(), "platform": jax.default_backend()}
+    phases["evaluate"] = time.perf_counter() - start - sum(phases.values())
     from PIL import Image
 
     from train.logs import image_grid
 
     _export_and_retarget_one(cfg, out, result)
+    phases["export_and_retarget"] = time.perf_counter() - start - sum(phases.values())
+    metrics["seconds"] = {k: round(v, 1) for k, v in phases.items()}
+    metrics["total_seconds"] = round(time.perf_counter() - start, 1)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     rows = slice(0, 8)
     grid = image_grid([result["source"][rows], result["pose"][rows], result["generated"][rows],
                        result["generated_no_reference"][rows], result["target"][rows]])
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(out / "grid.png")
     a, b = metrics["with_reference"], metrics["without_reference"]
-    print(f"[demo] PMF:                 SSIM {a['ssim']:.4f}  PSNR {a['psnr']:.2f} dB")
-    print(f"[demo] without reference:   SSIM {b['ssim']:.4f}  PSNR {b['psnr']:.2f} dB")
+    for name, m in (("PMF:              ", a), ("without reference:", b)):
+        print(f"[demo] {name}  SSIM {m['ssim']:.4f}  PSNR {m['psnr']:.2f} dB  person colour error "
+              f"{m['person_colour_error']:.1f} ΔE")
     print(f"[demo] wrote {out / 'grid.png'} and {out / 'metrics.json'} in {metrics['total_seconds']:.0f} s")
     return metrics
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -14,6 +16,11 @@ import numpy as np
 def log(message: str) -> None:
     """print() with the process index, so multi-host logs can be told apart."""
     print(f"[process {jax.process_index()}/{jax.process_count()}] {message}", flush=True)
+
+
+def warn(message: str) -> None:
+    """A ``warning:`` line on stderr, with the process index."""
+    print(f"[process {jax.process_index()}/{jax.process_count()}] warning: {message}", file=sys.stderr, flush=True)
 
 
 class MetricWriter:
@@ -42,6 +49,23 @@ class MetricWriter:
                 self._tb.scalar(key, float(value), step)
             self._tb.flush()
 
+    def drop_rows_after(self, step: int) -> None:
+        """Keeps the rows of steps <= ``step`` (the restored checkpoint): the rows a killed run logged after its last
+        checkpoint are logged again by the resumed run."""
+        if not self.active or not self.path.is_file():
+            return
+        rows = self.path.read_text().splitlines(keepends=True)
+        kept = [row for row in rows if _row_step(row) is not None and _row_step(row) <= step]
+        if len(kept) != len(rows):
+            partial = self.path.with_name(self.path.name + ".partial")
+            partial.write_text("".join(kept))
+            os.replace(partial, self.path)
+
+    def last_step(self) -> Optional[int]:
+        """The step of the last row (rows are only written for finite losses), or None."""
+        rows = read_metrics(self.path.parent)
+        return rows[-1]["step"] if rows else None
+
     def image(self, step: int, name: str, image: np.ndarray) -> None:
         """image: [H, W, 3] uint8 or float in [0, 1]."""
         if self.active and self._tb is not None:
@@ -51,6 +75,14 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _row_step(row: str) -> Optional[int]:
+    """The step of a metrics.jsonl row; None for a torn last row (the process was killed while writing it)."""
+    try:
+        return int(json.loads(row)["step"]) if row.endswith("\n") else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def read_metrics(run_dir) -> list:

@@ -7,13 +7,14 @@ import dataclasses
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Dict, Optional
 
 import jax
-from tqdm import tqdm
 
 from pmf_jax import input_pipeline, runtime
+from pmf_jax.progress import bar as progress_bar
 from pmf_jax.config import Config, save_config
 from pmf_jax.errors import PMFInputError
 from pmf_jax.parallel import (batch_sharding, jit_sharded, make_global_batch, make_mesh, num_batch_shards,
@@ -22,11 +23,29 @@ from pmf_jax.training import components as components_lib
 from train import checkpointing
 from train.logs import MetricWriter, Throughput, log
 from train.previews import Previews
+from train.startup import check_output_dir, phase, watch_compilation_cache
 from pmf_jax.training.state import bind_step, init_state, make_optimizer, state_shardings
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
+    """The loss became NaN/inf; the message names the last good checkpoint (the last one followed by a finite loss)."""
+
+
+def diverged_message(step: int, metrics: Dict[str, float], checkpoints, last_finite: Optional[int]) -> str:
+    """``last_finite``: the last step whose loss was finite (this call or the kept rows of metrics.jsonl). A
+    checkpoint is good when a finite loss followed it: it was saved before ``last_finite``."""
+    steps = checkpoints.all_steps()
+    good = [s for s in steps if last_finite is not None and s < last_finite]
+    later = [s for s in steps if s not in good]
+    text = f"loss became non-finite at step {step} ({metrics}); "
+    if good:
+        text += (f"the last good checkpoint is {checkpoints.directory}/{good[-1]} (the last one followed by a "
+                 f"finite loss)")
+    else:
+        text += f"no checkpoint in {checkpoints.directory} is known good (none was followed by a finite loss)"
+    if later:
+        text += f"; the loss was not finite after checkpoint(s) {later}"
+    return text
 
 
 def maybe_initialize_distributed() -> None:
@@ -71,8 +90,9 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
     """
     maybe_initialize_distributed()
     tc = cfg.train
-    runtime.setup(None if tc.compilation_cache else False)  # before anything compiles
     run_dir = Path(tc.output_dir)
+    check_output_dir(run_dir)  # inputs are checked before anything is built or written to the run folder
+    cache = runtime.setup(None if tc.compilation_cache else False)  # before anything compiles
 
     # ---- Mesh ----------------------------------------------------------------------------------------------------
     mesh = make_mesh(cfg.mesh, devices=devices)
@@ -83,7 +103,15 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
                             f"({shards} = data x fsdp) and the process count ({jax.process_count()})")
     local_batch = cfg.data.batch_size // jax.process_count()
 
+    # ---- Input pipeline (first: a missing dataset is reported before the models are built) -------------------
+    phase(f"opening dataset {cfg.data.name}/{cfg.data.builder_config} in {cfg.data.data_dir}")
+    loader = input_pipeline.make_loader(
+        cfg.data.name, cfg.data.split, cfg.data.data_dir, local_batch, cfg.data.height_width,
+        config=cfg.data.builder_config, seed=tc.seed, shuffle=True, augment=cfg.data.augment,
+        worker_count=cfg.data.workers)
+
     # ---- Models ----------------------------------------------------------------------------------------------------
+    phase("building the models")
     rng = jax.random.key(tc.seed)
     init_rng, state_rng = jax.random.split(rng)
     comps, params, frozen = components_lib.build(cfg, init_rng)
@@ -94,6 +122,7 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
     reference_cfg = cfg.reference.to_reference_config()
 
     # ---- Shardings: eval_shape -> rules -> jit(init, out_shardings) ---------------------------------------------
+    phase("initialising the train state")
     tx = make_optimizer(tc)
     abstract = jax.eval_shape(lambda p: init_state(p, tx, tc, state_rng), trainable)
     state_sh = state_shardings(abstract, mesh, rules)
@@ -103,23 +132,18 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
     frozen_params = jax.device_put(frozen_params, frozen_params_sh)
     frozen_sh = jax.tree_util.tree_map(lambda _: replicated(mesh), frozen)
     frozen = jax.device_put(frozen, frozen_sh)
-
-    # ---- Input pipeline ----------------------------------------------------------------------------------------
-    loader = input_pipeline.make_loader(
-        cfg.data.name, cfg.data.split, cfg.data.data_dir, local_batch, cfg.data.height_width,
-        config=cfg.data.builder_config, seed=tc.seed, shuffle=True, augment=cfg.data.augment,
-        worker_count=cfg.data.workers)
     iterator = iter(loader)
 
     # ---- Checkpoint: resume from the latest one ------------------------------------------------------------------
-    manager = checkpointing.make_manager(run_dir, tc.keep_checkpoints)
+    checkpoints = checkpointing.RunCheckpoints(run_dir, tc.keep_checkpoints)
     start = 0
-    if manager.latest_step() is not None:
+    if checkpoints.latest_step() is not None:
+        phase(f"restoring the latest intact checkpoint of {checkpoints.directory}")
         target = checkpointing.abstract_like(state, state_sh)
-        state, iterator_state, start = checkpointing.restore(manager, target)
+        state, iterator_state, start = checkpoints.restore(target)
         if iterator_state is not None:
             iterator.set_state(iterator_state)
-        log(f"resumed from {manager.directory}/{start}")
+        log(f"resumed from {checkpoints.directory}/{start}")
     end = tc.steps if max_steps is None else min(tc.steps, start + max_steps)
 
     # ---- Compile the update step ahead of time ---------------------------------------------------------------------
@@ -130,24 +154,38 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
     first = make_global_batch(next(iterator), mesh, rules) if start < end else None
     compiled = None
     if first is not None:
-        compiled = jitted.lower(state, frozen_params, frozen, first).compile()
+        phase(f"compiling the train step ({f'compilation cache {cache}' if cache else 'no persistent cache'})")
+        began = time.perf_counter()
+        lowered = jitted.lower(state, frozen_params, frozen, first)
+        traced = time.perf_counter()
+        with watch_compilation_cache() as outcome:
+            compiled = lowered.compile()
         memory = compiled.memory_analysis()
-        if memory is not None:
-            log(f"train step compiled: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, temporaries "
-                f"{memory.temp_size_in_bytes / 2**20:.1f} MiB, outputs {memory.output_size_in_bytes / 2**20:.1f} MiB")
+        sizes = "" if memory is None else (
+            f": arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, temporaries "
+            f"{memory.temp_size_in_bytes / 2**20:.1f} MiB, outputs {memory.output_size_in_bytes / 2**20:.1f} MiB")
+        log(f"train step traced in {traced - began:.1f} s, compiled in {time.perf_counter() - traced:.1f} s "
+            f"({outcome}){sizes}")
 
     # ---- Loop ----------------------------------------------------------------------------------------------------
     writer = MetricWriter(run_dir)
+    writer.drop_rows_after(start)
+    last_finite = writer.last_step()
     previews = Previews(cfg, comps, frozen, writer, run_dir) if start < end else None
     preempted = checkpointing.PreemptionFlag().install()
     speed = Throughput()
     last: Dict[str, float] = {}
-    bar = tqdm(total=end, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+    bar = progress_bar(total=end, initial=start, desc="train", disable=jax.process_index() != 0)
     step = start
+    if first is not None:
+        phase(f"first step (training steps {start + 1}-{end})")
     try:
         batch = first
         while step < end:
             state, metrics = compiled(state, frozen_params, frozen, batch)
+            if step == start:
+                jax.block_until_ready(metrics)
+                phase("first step done; training")
             step += 1
             speed.add(cfg.data.batch_size)
             bar.update(1)
@@ -156,16 +194,16 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
             if step % tc.log_every == 0 or must_save:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not all(math.isfinite(v) for v in last.values()):
-                    raise TrainingDiverged(
-                        f"loss became non-finite at step {step} ({last}); the last good checkpoint "
-                        f"{manager.latest_step()} in {manager.directory} is kept")
+                    raise TrainingDiverged(diverged_message(step, last, checkpoints, last_finite))
+                last_finite = step
                 rate = speed.rate()
                 if rate:
                     last["images_per_s"] = rate
                 writer.scalars(step, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last.get('images_per_s', 0):.1f}")
             if must_save:
-                checkpointing.save(manager, step, state, iterator.get_state())
+                checkpoints.save(step, state, iterator.get_state())
+            checkpoints.seal()  # the checksums of a save that has finished (no wait)
             if previews is not None and step % tc.eval_every == 0:
                 previews(step, state.params, frozen_params)
             if stop:
@@ -175,8 +213,7 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
                 batch = make_global_batch(next(iterator), mesh, rules)
     finally:
         bar.close()
-        manager.wait_until_finished()
-        manager.close()
+        checkpoints.close()
         writer.close()
         preempted.uninstall()
     last["step"] = step

@@ -4,24 +4,17 @@ reference bank disabled)."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from pmf_jax import input_pipeline
-from pmf_jax.io.checkpoints import restore_trained_params
-from pmf_jax.pipelines.from_run import RunParts, pipeline_from_run, sampling_kwargs
-from pmf_jax.training import components as components_lib
+from pmf_jax.evaluation.model import load_run_parts
+from pmf_jax.pipelines.from_run import pipeline_from_run, sampling_kwargs
 
 
 def load_trained(cfg, step=None, ema: bool = True):
     """(:class:`~pmf_jax.pipelines.from_run.RunParts`, step) with the trained parts restored from
-    ``cfg.train.output_dir``."""
-    comps, params, frozen = components_lib.build(cfg, jax.random.key(cfg.train.seed))
-    trained, step = restore_trained_params(cfg.train.output_dir, step, ema=ema)
-    for part, tree in trained.items():
-        params[part] = jax.tree_util.tree_map(jnp.asarray, tree)
-    return RunParts(cfg, comps, params, frozen), step
+    ``cfg.train.output_dir`` (as ``pmf eval generate --model RUN`` loads a run)."""
+    return load_run_parts(cfg, cfg.train.output_dir, step, ema=ema)
 
 
 def pipelines_for_run(cfg, step=None):

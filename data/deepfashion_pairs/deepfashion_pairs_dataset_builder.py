@@ -17,6 +17,7 @@ from PIL import Image
 
 import pairs_common
 from pmf_jax.errors import PMFInputError
+from pmf_jax.image_reading import read_image_file
 from pmf_jax.pose.keypoints import affine_keypoints
 
 from . import annotations as ann
@@ -100,11 +101,7 @@ def resolve_pairs(manual_dir: Path, split: str, images: dict[str, Path]):
 
 def load_image(path: str, size: tuple[int, int]) -> np.ndarray:
     """uint8 ``[H, W, 3]``: the image, centre-cropped to the 176:256 aspect if wider than that, resized to ``size``."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise PMFInputError(f"{path}: cannot read image ({e})") from None
+    image = Image.fromarray(read_image_file(path, "image"))
     ann_h, ann_w = ann.ANNOTATION_SIZE
     w, h = image.size
     keep = round(h * ann_w / ann_h)

@@ -21,6 +21,7 @@ from PIL import Image
 
 import pairs_common
 from pmf_jax.errors import PMFInputError
+from pmf_jax.image_reading import read_image_file
 from pmf_jax.pose.keypoints import NUM_KEYPOINTS, affine_keypoints, select_person
 from pmf_jax.pose.openpose_json import read_openpose_json
 
@@ -139,11 +140,7 @@ def frame_keypoints(frame: Path, detector: _Detector) -> np.ndarray:
 
 
 def _read(frame: Path) -> np.ndarray:
-    try:
-        with Image.open(frame) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise PMFInputError(f"{frame}: cannot read image ({e})") from None
+    return read_image_file(frame, "frame")
 
 
 def fit_frame(frame: Path, keypoints: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from pmf_jax.commands.options import add_allow_pickle_arg
 from pmf_jax.constants import DTYPE_SHORT_NAMES
+from pmf_jax.out_folder import add_out_arguments
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -23,15 +25,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "under OUT unless the whole export succeeds.")
     to.add_argument("--checkpoint", required=True, help="RUN_DIR (latest step), RUN_DIR/STEP or "
                                                         "RUN_DIR/checkpoints/STEP")
-    to.add_argument("--out", required=True, help="output folder (must not exist, unless --overwrite)")
+    add_out_arguments(to, "output folder")
     to.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                     help="export the EMA weights (default: when the run kept them) or, with --no-ema, the raw ones")
     to.add_argument("--base", help="the run's base SD folder or cached repo id, if it moved since training")
     to.add_argument("--dtype", choices=tuple(DTYPE_SHORT_NAMES), default="fp32",
                     help="of the exported models (default: %(default)s)")
+    add_allow_pickle_arg(to)
     to.add_argument("--link", action="store_true", help="symlink the base's vae/text_encoder/tokenizer files "
                                                         "instead of copying them")
-    to.add_argument("--overwrite", action="store_true", help="replace an existing OUT (atomically)")
 
     frm = sub.add_parser(
         "from-diffusers", help="diffusers folders -> an orbax checkpoint folder for training",
@@ -42,12 +44,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     frm.add_argument("--model", required=True, help="SD pipeline folder or cached repo id (or a PMF export)")
     frm.add_argument("--controlnet", help="ControlNet folder or cached repo id (replaces the model's controlnet/)")
     frm.add_argument("--reference-unet", help="reference UNet (ACM) folder (replaces the model's reference_unet/)")
-    frm.add_argument("--out", required=True, help="output checkpoint folder (must not exist, unless --overwrite)")
+    add_out_arguments(frm, "output checkpoint folder", metavar="CKPT_DIR")
     frm.add_argument("--dtype", choices=tuple(DTYPE_SHORT_NAMES), default="fp32",
                      help="stored parameters (default: %(default)s)")
     frm.add_argument("--revision", help="Hub revision of --model")
-    frm.add_argument("--allow-pickle", action="store_true", help="read .bin/.ckpt weights (can run arbitrary code)")
-    frm.add_argument("--overwrite", action="store_true", help="replace an existing CKPT_DIR (atomically)")
+    add_allow_pickle_arg(frm)
     return p
 
 
@@ -56,7 +57,7 @@ def run(args) -> int:
         from pmf_jax.convert import export_to_diffusers
 
         out = export_to_diffusers(args.checkpoint, args.out, ema=args.ema, base=args.base, dtype=args.dtype,
-                                  link=args.link, overwrite=args.overwrite)
+                                  link=args.link, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
         print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
         return 0
     from pmf_jax.convert import import_from_diffusers

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from pmf_jax.commands import options
+from pmf_jax.out_folder import add_out_arguments
 
 METRICS = ("ssim", "psnr", "lpips", "fid", "clip_score")  # = pmf_jax.evaluation.METRICS (no JAX import here)
 
@@ -20,15 +21,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = sub.add_parser(
         "generate", help="run the retarget pipeline over a split's pairs (resumable)",
         description="Writes <source>___<target>.png for every pair of the split into --out, skipping pairs already "
-                    "there, and generation.json (the settings). Models, dataset, resolution, batch size and sampling "
-                    "come from the config (pmf_jax/config.py): model.*, reference.*, data.*, sampling.*.")
-    g.add_argument("--config", help="YAML config (default: the schema's defaults)")
+                    "there, and generation.json (the settings). The model is --model (a training run folder or a "
+                    "PMF export) or the folders the config's model.* names; dataset, resolution, batch size and "
+                    "sampling come from the config (pmf_jax/config.py): data.*, sampling.*, reference.* (a run's "
+                    "own config.yaml; an export keeps its own mode and reference settings). A new generation is "
+                    "written into OUT.partial and moved to --out when every image exists; a stopped run is "
+                    "continued by the next one with the same settings, and so is a complete --out.")
+    g.add_argument("--model", metavar="EXPORT_OR_RUN",
+                   help="a training run folder (RUN_DIR, its latest checkpoint; or RUN_DIR/checkpoints/STEP) or a "
+                        "PMF export (pmf convert to-diffusers); default: the config's model.* folders")
+    g.add_argument("--config", help="YAML config (default: a run's own config.yaml, else the schema's defaults)")
     g.add_argument("--split", help="split to generate (default: the config's data.eval_split)")
-    g.add_argument("--out", required=True, help="output folder")
+    add_out_arguments(g, "output folder of the images", rule="must be empty or absent, or a generation with the same "
+                      "settings, unless --overwrite; staged in OUT.partial")
     g.add_argument("--prompt", default="", help="text prompt for every pair (default: empty; recorded for CLIP score)")
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--limit", type=options.positive_int, help="only the first N pairs (smoke runs)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    options.add_allow_pickle_arg(g)
     g.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. sampling.steps=50")
     options.use_compilation_cache(g)
 
@@ -37,7 +47,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="SSIM and PSNR (scikit-image's protocol settings), LPIPS (AlexNet), FID (Inception, against the "
                     "training images) and, for prompted runs, CLIP score. Metric weights are read from --weights-dir, "
                     "$PMF_METRIC_WEIGHTS or the torch hub cache, never downloaded: a metric without them is "
-                    "reported unavailable with the reason. Writes <out>.json and <out>.md.")
+                    "reported unavailable with the reason; when none of the requested metrics can be computed, "
+                    "the command fails (exit 2). Generated images must have the ground truth's size unless "
+                    "--resize. Writes <out>.json and <out>.md (replacing them).")
     s.add_argument("--generated", required=True, help="folder of <source>___<target>.png images (pmf eval generate)")
     s.add_argument("--dataset", default="deepfashion_pairs/256x176", help="NAME[/CONFIG] (default: %(default)s)")
     s.add_argument("--data-dir", help="TFDS data_dir the dataset was built into (default: TFDS's)")
@@ -54,7 +66,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=options.positive_int, default=16, help="(default: %(default)s)")
     s.add_argument("--ssim-sigma", type=float, default=1.5, help="SSIM Gaussian sigma (default: %(default)s; "
                                                                   "PCDMs' script used 1.2)")
-    s.add_argument("--out", help="report path without extension (default: <generated>/scores)")
+    s.add_argument("--resize", action="store_true",
+                   help="resize generated images of another size to the ground truth's (bicubic); default: an error, "
+                        "as the protocol scores at the ground truth's size")
+    s.add_argument("--out", help="report path without extension (default: <generated>/scores); <out>.json and "
+                                 "<out>.md are replaced when the scores are complete")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -64,12 +80,14 @@ def run(args) -> int:
 
 
 def _generate(args) -> int:
-    from pmf_jax.config import load_config
     from pmf_jax.evaluation import generate
+    from pmf_jax.evaluation.model import eval_config, resolve_model
 
-    cfg = load_config(args.config, args.overrides)
+    model = resolve_model(args.model)
+    cfg = eval_config(model, args.config, args.overrides)
     summary = generate(cfg, args.out, split=args.split, prompt=args.prompt, negative_prompt=args.negative_prompt,
-                       limit=args.limit, progress=not args.no_progress)
+                       model=model, limit=args.limit, progress=not args.no_progress, allow_pickle=args.allow_pickle,
+                       overwrite=args.overwrite)
     print(f"{summary.out_dir}: {summary.generated} images generated, {summary.skipped} already there "
           f"({summary.total} pairs)")
     return 0
@@ -78,18 +96,22 @@ def _generate(args) -> int:
 def _score(args) -> int:
     from pmf_jax.errors import PMFInputError
     from pmf_jax.evaluation import parse_dataset, score, write_report
-    from pmf_jax.evaluation.report import COLUMNS, format_value
+    from pmf_jax.evaluation.report import COLUMNS, format_value, report_paths
+    from pmf_jax.out_folder import check_out_file
 
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise PMFInputError(f"--metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}")
     name, config = parse_dataset(args.dataset)
+    out = args.out or Path(args.generated) / "scores"
+    for path in report_paths(out):  # before anything is scored: a folder in the way, a read-only location
+        check_out_file(path)
     results = score(args.generated, name, config, args.data_dir, split=args.split, fid_reference=args.fid_reference,
                     weights_dir=args.weights_dir, clip_model=args.clip_model, prompt=args.prompt, metrics=metrics,
                     stats_cache=args.stats_cache, batch_size=args.batch_size, ssim_sigma=args.ssim_sigma,
-                    progress=not args.no_progress)
-    json_path, md_path = write_report(results, args.out or Path(args.generated) / "scores")
+                    resize=args.resize, progress=not args.no_progress)
+    json_path, md_path = write_report(results, out)
     for key, title, fmt in COLUMNS:
         entry = results["metrics"].get(key)
         if entry is not None:

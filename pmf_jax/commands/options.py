@@ -33,16 +33,23 @@ def seed_int(text: str) -> int:
     return value
 
 
-def add_sampling_args(parser: argparse.ArgumentParser, default_steps: int = constants.DEFAULT_STEPS) -> None:
-    """Sampling options shared by the commands: negative prompt, steps, scheduler, seed, resolution."""
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """Sampling options shared by the commands: negative prompt, steps, scheduler, seed, resolution. Steps and
+    scheduler default to None: the command resolves them (:func:`pmf_jax.pipelines.defaults.resolve_sampling`: the
+    flag, else the export's pmf_config.json, else the built-in default)."""
     parser.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
-    parser.add_argument("--steps", type=positive_int, default=default_steps,
-                        help="denoising steps (default: %(default)s)")
-    parser.add_argument("--scheduler", choices=constants.SCHEDULER_NAMES, default=constants.DEFAULT_SCHEDULER,
-                        help="sampler (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int,
+                        help=f"denoising steps (default: the export's, from its pmf_config.json, else "
+                             f"{constants.DEFAULT_STEPS})")
+    parser.add_argument("--scheduler", choices=constants.SCHEDULER_NAMES,
+                        help=f"sampler (default: the export's, from its pmf_config.json, else "
+                             f"{constants.DEFAULT_SCHEDULER})")
     parser.add_argument("--seed", type=seed_int, default=0, help="random seed (default: %(default)s)")
-    parser.add_argument("--height", type=int, help="output height, a multiple of 8 (default: the input's resolution "
-                                                   "bucket, sides from 256/384/512/640/768)")
+    parser.add_argument("--height", type=int, help="output height, a multiple of 8 (default: the model's native "
+                                                   "resolution, its UNet's sample_size times the autoencoder's "
+                                                   "factor or an export's training size; for models trained at "
+                                                   "512 or more the input's aspect-ratio bucket, sides from "
+                                                   "256/384/512/640/768 and the native size)")
     parser.add_argument("--width", type=int, help="output width, a multiple of 8 (give both or neither)")
 
 
@@ -56,7 +63,16 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
                                            "~/.cache/pmf_jax/jax_cache)")
     group.add_argument("--no-cache", action="store_true", help="do not use the persistent compilation cache")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_allow_pickle_arg(group)
     use_compilation_cache(parser)
+
+
+def add_allow_pickle_arg(parser) -> None:
+    """``--allow-pickle`` (``args.allow_pickle``, passed down as ``allow_pickle`` to :func:`pmf_jax.io.from_pretrained`)
+    for every command that reads a model; :func:`add_runtime_args` adds it."""
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="also read pickled torch weights (.bin, .ckpt, .pt, .pth) where a model folder has no "
+                             "safetensors: loading a pickle can run arbitrary code, so only for files you trust")
 
 
 def use_compilation_cache(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +92,7 @@ def compilation_cache(args):
 
 def runtime_kwargs(args) -> dict:
     """Keyword arguments of the pipelines' ``from_pretrained`` from the runtime options."""
-    return dict(dtype=args.dtype, attention_backend=args.attention_backend)
+    return dict(dtype=args.dtype, attention_backend=args.attention_backend, allow_pickle=args.allow_pickle)
 
 
 def write_settings(path: Path, args, **extra) -> None:

@@ -15,6 +15,8 @@ import numpy as np
 
 from pmf_jax.commands.options import positive_int
 from pmf_jax.errors import PMFInputError
+from pmf_jax.image_reading import check_pixel_count
+from pmf_jax.out_folder import check_out_file, staged_file
 from pmf_jax.pose import detect, inputs
 from pmf_jax.pose.openpose_json import read_canvas_size, read_openpose_json, write_openpose_json
 
@@ -30,13 +32,14 @@ def _output_path(path: str, name: str) -> Path:
     path = Path(path).expanduser()
     if not path.parent.is_dir():
         raise PMFInputError(f"{name} {str(path)!r}: folder {str(path.parent)!r} does not exist")
-    return path
+    return check_out_file(path, name)  # a folder or a read-only location fails here, before any work
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    Image.fromarray(array).save(path, format="PNG")
+    with staged_file(path) as tmp:  # written whole or not at all
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,7 +130,8 @@ def run_extract(args) -> int:
               file=sys.stderr)  # fmt: skip
     detector = detect.load_detector(args.detector_weights, hands=args.hands, face=args.face, device=args.device)
     found = detect.detect_poses(image, detector, hands=args.hands, face=args.face)
-    write_detection_json(out, found)
+    with staged_file(out) as tmp:
+        write_detection_json(tmp, found)
     if render_path is not None:
         _save_png(detect.render_detection(found), render_path)
     visible = int((found.body[..., 2] > 0).sum())
@@ -178,6 +182,7 @@ def run_render(args) -> int:
     size = (args.height, args.width) if args.width is not None else canvas
     if size is None:
         raise PMFInputError(f"{path} has no canvas_width/canvas_height; give --width and --height")
+    check_pixel_count(*size, "the skeleton image (--height x --width, default the JSON's canvas)")
     frame = canvas or size
     found = detect.PoseDetection(people, height=frame[0], width=frame[1], **_read_extra_parts(path, len(people)))
     # Drawn on the output canvas after the fit, so the line widths suit the output size.

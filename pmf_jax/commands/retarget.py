@@ -4,13 +4,15 @@ the settings as JSON."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from pmf_jax.commands import options
 from pmf_jax.commands.pose import add_fit_argument, add_pose_input_arguments, pose_condition_from_args
 from pmf_jax.constants import DEFAULT_GUIDANCE_SCALE, FUSION_BLOCKS, MODES, POSE_KINDS, REFERENCE_TIMESTEPS
 from pmf_jax.errors import PMFInputError
-from pmf_jax.pipelines.images import check_resolution, image_row, load_image, resolve_size
+from pmf_jax.out_folder import add_out_arguments, check_out_folder, staged_folder
+from pmf_jax.pipelines.defaults import native_size, resolve_sampling
+from pmf_jax.pipelines.images import check_resolution, describe_size, image_row, load_image, resolve_size
+from pmf_jax.pipelines.memory import memory_limit_setting
 
 REFERENCE_FLAGS = ("fusion_blocks", "attention_weight", "style_fidelity", "reference_timestep",
                    "controlnet_reads_reference")  # ReferenceConfig fields set at sampling time (noise_reference: the export's)
@@ -49,8 +51,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sampling = p.add_argument_group("sampling")
     options.add_sampling_args(sampling)
     sampling.add_argument("--num-images", type=options.positive_int, default=4, help="(default: %(default)s)")
-    sampling.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE_SCALE,
-                          help="text guidance (default: %(default)s)")
+    sampling.add_argument("--guidance-scale", type=float,
+                          help=f"text guidance (default: the export's, from its pmf_config.json, else "
+                               f"{DEFAULT_GUIDANCE_SCALE}; a model without a text encoder has no text to guide)")
     sampling.add_argument("--appearance-guidance-scale", type=float,
                           help="separate appearance guidance (3 guidance rows); default: off, the unconditional row "
                                "reads the reference by --style-fidelity")
@@ -64,7 +67,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ref.add_argument("--reference-timestep", choices=REFERENCE_TIMESTEPS, help="(same)")
     ref.add_argument("--controlnet-reads-reference", action=argparse.BooleanOptionalAction,
                      help="the ControlNet reads the bank too (off)")
-    p.add_argument("--out", required=True, help="output folder")
+    add_out_arguments(p, "output folder")
     options.add_runtime_args(p)
     return p
 
@@ -72,14 +75,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     # Check the inputs (and prepare the pose) before loading JAX and the models.
     check_resolution(args.height, args.width)
+    memory_limit_setting()  # a bad $PMF_JAX_MEMORY_LIMIT_BYTES is an input error before anything loads
     if args.mode not in (None, "acm") and args.reference_unet:
         raise PMFInputError(f"--reference-unet is only used by --mode acm (got --mode {args.mode})")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise PMFInputError(f"--out {str(out)!r} exists and is not a folder")
+    out = check_out_folder(args.out, args.overwrite)
     source = load_image(args.source, "--source")
-    size = resolve_size(source.shape, args.height, args.width)
+    from pmf_jax.io.hub import resolve_folder
+
+    folder = resolve_folder(args.model)
+    native = native_size(folder)   # the model's own files say its size and (an export) its sampling defaults
+    size = resolve_size(source.shape, args.height, args.width, native)
+    sampling = resolve_sampling(folder, scheduler=args.scheduler, steps=args.steps, guidance_scale=args.guidance_scale)
     pose = pose_condition_from_args(args, source, size)
+    print(describe_size(size, args.height, native), flush=True)
 
     import dataclasses
 
@@ -91,20 +99,19 @@ def run(args) -> int:
     reference = dataclasses.replace(pipe.reference_config, **given)
     fitted, _ = pipe.prepare_inputs(source, pose, *size, fit=args.pose_fit)
     images = pipe(source, pose, prompt=args.prompt, negative_prompt=args.negative_prompt,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                  num_inference_steps=sampling["steps"], guidance_scale=sampling["guidance_scale"],
                   appearance_guidance_scale=args.appearance_guidance_scale,
-                  controlnet_conditioning_scale=args.controlnet_scale, scheduler=args.scheduler, height=size[0],
+                  controlnet_conditioning_scale=args.controlnet_scale, scheduler=sampling["scheduler"], height=size[0],
                   width=size[1], num_images=args.num_images, seed=args.seed, reference_config=reference,
                   fit=args.pose_fit, progress=not args.no_progress)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images):
-        paths.append(out / f"result_{i:02d}.png")
-        image.save(paths[-1])
-    image_row([pose.image]).save(out / "pose.png")
-    image_row([fitted, pose.image] + images).save(out / "grid.png")
-    options.write_settings(out / "settings.json", args, resolved_height=size[0], resolved_width=size[1],
-                           pose_input=pose.kind, outputs=[p.name for p in paths], resolved_mode=pipe.mode,
-                           resolved_reference=dataclasses.asdict(reference))
+    paths = [out / f"result_{i:02d}.png" for i in range(len(images))]
+    with staged_folder(out, args.overwrite) as stage:  # --out appears (or is replaced) only when complete
+        for path, image in zip(paths, images):
+            image.save(stage / path.name)
+        image_row([pose.image]).save(stage / "pose.png")
+        image_row([fitted, pose.image] + images).save(stage / "grid.png")
+        options.write_settings(stage / "settings.json", args, resolved_height=size[0], resolved_width=size[1],
+                               pose_input=pose.kind, outputs=[p.name for p in paths], resolved_mode=pipe.mode,
+                               resolved_reference=dataclasses.asdict(reference), resolved_sampling=sampling)
     print(f"wrote {len(paths)} images, pose.png, grid.png and settings.json to {out}")
     return 0

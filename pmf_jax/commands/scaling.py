@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pmf_jax.commands.options import positive_int
 from pmf_jax.errors import PMFInputError
+from pmf_jax.out_folder import add_out_arguments, check_out_folder, staged_folder
 
 CHIPS = ("tpu-v5p", "tpu-v5e", "h100", "a100")  # = pmf_jax.scaling.roofline.CHIPS (no JAX import here; tested)
 CHILD_ENV = "PMF_SCALING_CHILD"
@@ -59,7 +60,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Compiles the real train step (and the sampling programs) for a device mesh ahead of time, from "
                     "shapes only (no weights are read), on virtual CPU devices, and reports per-device memory, every "
                     "collective of the compiled program, FLOPs, a roofline step time for a chip, and weak-scaling "
-                    "efficiency over a sweep of device counts. Writes DIR/scaling.md, scaling.json and scaling.png.")
+                    "efficiency over a sweep of device counts. Writes DIR/scaling.md, scaling.json and scaling.png (the "
+                    "sweep's images/s and efficiency with --sweep, else each program's roofline terms); with "
+                    "--measure, DIR/measure.json and scaling.png (the measured step beside the prediction). While "
+                    "it plans, the results so far are in DIR.partial/scaling.partial.json.")
     p.add_argument("--config", required=True, help="YAML config (e.g. configs/sd15_stage2.yaml)")
     p.add_argument("--devices", type=positive_int, help="devices of the planned run (default with --measure: all)")
     p.add_argument("--mesh", type=mesh_arg, help="mesh sizes, e.g. data=8,fsdp=32,tensor=1 (default: the config's "
@@ -72,7 +76,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-sampling", action="store_true", help="skip the sampling programs")
     p.add_argument("--measure", type=positive_int, metavar="N",
                    help="run the train step N times on this process's devices and print measured vs predicted")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    add_out_arguments(p, "output folder")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.resolution=512")
     return p
 
@@ -82,9 +86,7 @@ def _check(args) -> None:
         raise PMFInputError(f"--config {args.config!r} does not exist")
     if args.measure is None and args.devices is None:
         raise PMFInputError("--devices is required (the device count of the planned run)")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise PMFInputError(f"--out {args.out!r} is a file; give a folder")
+    check_out_folder(args.out, args.overwrite)
 
 
 def child_argv(args) -> list:
@@ -97,6 +99,8 @@ def child_argv(args) -> list:
         argv += ["--sweep", ",".join(map(str, args.sweep))]
     if args.no_sampling:
         argv.append("--no-sampling")
+    if args.overwrite:
+        argv.append("--overwrite")
     return argv + list(args.overrides)
 
 
@@ -134,36 +138,37 @@ def run(args) -> int:
 
     from pmf_jax.scaling import planner, report
 
-    out = Path(args.out)
+    out = Path(args.out).absolute()
+    # The stage (DIR.partial) keeps the results so far if planning is stopped; DIR appears when the plan is complete.
+    with staged_folder(out, args.overwrite, partial="keep") as stage:
+        def save(partial):
+            (stage / "scaling.partial.json").write_text(json.dumps(partial, indent=2, default=str) + "\n")
 
-    def save(partial):
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "scaling.partial.json").write_text(json.dumps(partial, indent=2, default=str) + "\n")
-
-    result = planner.plan(cfg, config_name=args.config, devices=args.devices, mesh=mesh, chip=chip,
-                          batch_per_device=args.batch_per_device, sweep=args.sweep, sampling=not args.no_sampling,
-                          on_progress=save)
-    paths = report.write_outputs(result, out)
-    (out / "scaling.partial.json").unlink(missing_ok=True)
+        result = planner.plan(cfg, config_name=args.config, devices=args.devices, mesh=mesh, chip=chip,
+                              batch_per_device=args.batch_per_device, sweep=args.sweep,
+                              sampling=not args.no_sampling, on_progress=save)
+        paths = report.write_outputs(result, stage)
+        (stage / "scaling.partial.json").unlink(missing_ok=True)
     pred = result["train_step"]["prediction"]
     print(f"train step on {args.devices} x {chip.name}: {pred['step_s'] * 1e3:.1f} ms ({pred['limit']}-bound), "
           f"{result['train_step']['global_batch'] / pred['step_s']:.1f} images/s -> "
-          + ", ".join(str(p) for p in paths.values()))
+          + ", ".join(str(out / p.name) for p in paths.values()))
     return 0
 
 
 def _measure(args, cfg, mesh, chip, out: Path) -> int:
     import jax
 
-    from pmf_jax.scaling import planner
+    from pmf_jax.scaling import planner, report
 
     if args.devices is not None and args.devices != jax.device_count():
         raise PMFInputError(f"--measure runs on this process's {jax.device_count()} devices; --devices "
                             f"{args.devices} differs (omit it)")
     result = planner.measure(cfg, config_name=args.config, mesh=mesh, chip=chip,
                              batch_per_device=args.batch_per_device, iterations=args.measure)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "measure.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    with staged_folder(out, args.overwrite) as stage:
+        (stage / "measure.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        report.write_plot(result, stage / "scaling.png")
     m, pred = result["measured"], result["train_step"]["prediction"]
     print(f"measured on {jax.device_count()} x {m['device_kind']} ({m['platform']}): {m['step_s'] * 1e3:.2f} ms/step "
           f"(median of {m['iterations']}), {m['images_per_s']:.2f} images/s")

@@ -1,15 +1,14 @@
-"""What both converters share: atomic output folders, ``pmf_config.json``, dtypes, copying parts of a base folder."""
+"""What both converters share: ``pmf_config.json``, dtypes, copying parts of a base folder. Their output folders are
+written with :func:`pmf_jax.out_folder.staged_folder`, as every command's are."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 from pmf_jax.constants import DTYPE_SHORT_NAMES, DTYPES
 from pmf_jax.errors import PMFInputError
@@ -29,35 +28,6 @@ def parse_dtype(name: Optional[str]):
     if long_name not in DTYPES:
         raise PMFInputError(f"dtype {name!r} must be one of {', '.join(DTYPE_SHORT_NAMES)}")
     return jnp.dtype(long_name)
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise PMFInputError(f"output folder {str(out)!r} already exists; choose another --out or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise PMFInputError(f"output {str(out)!r} exists and is not a folder")
-
-
-@contextlib.contextmanager
-def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yields an empty temporary folder beside ``out``; renames it to ``out`` when the block succeeds and deletes it
-    when it fails, so nothing ever appears under ``out`` unless the whole folder was written."""
-    out = Path(out).absolute()
-    check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():  # --overwrite: move the old folder aside first, so a failed rename loses nothing
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------ pmf_config.json

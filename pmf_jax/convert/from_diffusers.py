@@ -24,11 +24,12 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from pmf_jax.convert.folders import check_output, copy_model_folder, model_folder, parse_dtype, staged_folder
+from pmf_jax.convert.folders import copy_model_folder, model_folder, parse_dtype
 from pmf_jax.errors import PMFInputError
 from pmf_jax.io import from_pretrained
 from pmf_jax.io.hub import resolve_folder
 from pmf_jax.io.orbax_params import save_params
+from pmf_jax.out_folder import check_out_folder, staged_folder
 
 MARKER = "pmf_pretrained.json"
 MARKER_FORMAT = "pmf_jax.pretrained"
@@ -54,7 +55,7 @@ def import_from_diffusers(model, out, *, controlnet=None, reference_unet=None, d
         ``out`` then.
     """
     out = Path(out)
-    check_output(out, overwrite)
+    check_out_folder(out, overwrite)
     store_dtype = parse_dtype(dtype)
     root = resolve_folder(model, revision=revision)
     if not (root / "unet" / "config.json").is_file():

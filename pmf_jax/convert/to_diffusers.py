@@ -10,13 +10,16 @@ The folder (``out``)::
                                         autoencoder, inferred from the UNet's 3·p² channels) and prompt-free runs
     scheduler/scheduler_config.json     the run's noise schedule and train.prediction_type
     model_index.json                    the base's, when it has one (parts not exported set to null)
-    pmf_config.json                     mode, reference settings, autoencoder, where every part came from
+    pmf_config.json                     mode, reference settings, autoencoder, where every part came from, the
+                                        training resolution and the sampling defaults (the run's sampling
+                                        section: scheduler, steps, guidance_scale), which pmf retarget uses
+                                        when no flag is given
 
 reference_unet/ is written for mode "acm" only (in "reference_only" the UNet writes its own reference). A run
 without a ControlNet (stage 1) gets the one of ``model.controlnet``, or none when that is null.
 
 Weights: the EMA copy by default when the run kept one; fp32 or ``dtype`` fp16/bf16; safetensors only. The whole
-folder is written under a temporary name and renamed at the end (:func:`~pmf_jax.convert.folders.staged_folder`).
+folder is written under a temporary name and renamed at the end (:func:`~pmf_jax.out_folder.staged_folder`).
 Checkpoints are read onto the host whatever mesh saved them (:func:`pmf_jax.io.checkpoints.restore_trained_params`).
 """
 
@@ -33,19 +36,19 @@ from flax import traverse_util
 
 from pmf_jax.config import load_config
 from pmf_jax.constants import SD15_NOISE_SCHEDULE
-from pmf_jax.convert.folders import (check_output, copy_model_folder, model_folder, parse_dtype, staged_folder,
-                                    write_pmf_config)
+from pmf_jax.convert.folders import copy_model_folder, model_folder, parse_dtype, write_pmf_config
 from pmf_jax.errors import PMFInputError
 from pmf_jax.io import from_pretrained, save_pretrained
 from pmf_jax.io.checkpoints import read_run_info, resolve_run, restore_trained_params
 from pmf_jax.io.hub import resolve_folder
 from pmf_jax.io.naming import check_match
+from pmf_jax.out_folder import check_out_folder, staged_folder
 
 PARTS = ("unet", "reference_unet", "controlnet")
 
 
 def export_to_diffusers(checkpoint, out, *, ema: Optional[bool] = None, base=None, dtype=None, link: bool = False,
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, allow_pickle: bool = False) -> Path:
     """Writes the export folder ``out`` (see the module docstring) and returns its path.
 
     Args:
@@ -55,12 +58,13 @@ def export_to_diffusers(checkpoint, out, *, ema: Optional[bool] = None, base=Non
       dtype: "fp32" (default), "fp16" or "bf16" for the exported UNets/ControlNet (copied base parts keep theirs).
       link: symlink the base's vae/text_encoder/tokenizer files instead of copying them.
       overwrite: replace an existing ``out`` (atomically); default: an existing ``out`` is an error.
+      allow_pickle: as :func:`pmf_jax.io.from_pretrained`, for the base's untrained parts.
     Raises:
       PMFInputError: no run / step / complete checkpoint, an untrained part with nothing to copy it from, ``out``
         exists, a base that cannot be found. Nothing is left under ``out`` then.
     """
     out = Path(out)
-    check_output(out, overwrite)
+    check_out_folder(out, overwrite)
     save_dtype = parse_dtype(dtype)
     run_dir, step = resolve_run(checkpoint)
     if not Path(run_dir).is_dir():
@@ -84,7 +88,7 @@ def export_to_diffusers(checkpoint, out, *, ema: Optional[bool] = None, base=Non
                 _check_tree(module, trained[part], f"{run_dir} step {step}, part {part}")
                 save_pretrained(module, trained[part], tmp / part, dtype=save_dtype)
             else:
-                module, params = from_pretrained(source, param_dtype=np.float32)
+                module, params = from_pretrained(source, param_dtype=np.float32, allow_pickle=allow_pickle)
                 save_pretrained(module, params, tmp / part, dtype=save_dtype)
             written[part] = "checkpoint" if source == "checkpoint" else str(source)
             if part == "unet":
@@ -97,6 +101,7 @@ def export_to_diffusers(checkpoint, out, *, ema: Optional[bool] = None, base=Non
             "mode": mode, "reference": _reference_settings(info, cfg),
             "prediction_type": cfg.train.prediction_type, "autoencoder": autoencoder["config"],
             "text_encoder": "text_encoder" in autoencoder["copied"], "parts": written, "dtype": str(save_dtype),
+            "resolution": list(cfg.data.height_width), "sampling": _sampling_defaults(cfg),
             "source": {"run": str(Path(run_dir).absolute()), "step": int(step),
                        "weights": "ema" if use_ema else "params",
                        "base": str(base_folder) if base_folder is not None else None}})
@@ -209,6 +214,13 @@ def _reference_settings(info, cfg) -> Dict[str, Any]:
     names = {f.name for f in dataclasses.fields(ReferenceConfig)}
     ref = info.get("reference") or dataclasses.asdict(cfg.reference)
     return {k: v for k, v in ref.items() if k in names}
+
+
+def _sampling_defaults(cfg) -> Dict[str, Any]:
+    """The run's sampling section as pmf_config.json "sampling" (:func:`pmf_jax.pipelines.defaults.sampling_defaults`
+    reads it)."""
+    s = cfg.sampling
+    return {"scheduler": s.scheduler, "steps": int(s.steps), "guidance_scale": float(s.text_guidance_scale)}
 
 
 # ------------------------------------------------------------------------------------------------ other parts

@@ -7,10 +7,15 @@ What the config decides (pmf_jax/config.py): ``model.*`` (weights: ``base`` SD f
 scale, seed), read as :func:`pmf_jax.pipelines.from_run.sampling_kwargs` reads them
 (``sampling.reference_guidance_scale`` null: no separate appearance guidance, 2 guidance rows).
 
+``--model`` instead evaluates a training run or a PMF export (:mod:`pmf_jax.evaluation.model`).
+
 Each pair gets seed ``(sampling.seed + pair index) mod 2**32``, so an image does not depend on the batch it was made
-in, on the device count or on an interruption. Images are written atomically (temporary file, then rename); a rerun
-skips the pairs whose PNG exists. ``generation.json`` in the output folder records the settings; resuming with
-different settings is refused (they would mix two runs in one folder).
+in, on the device count or on an interruption. The output folder follows :mod:`pmf_jax.out_folder`: checked before
+any model loads, a non-empty one refused unless ``overwrite``, and a new generation staged in ``<out>.partial``,
+which becomes ``<out>`` once every image exists. A stopped run leaves ``<out>.partial``; the next run with the same
+settings continues it. A complete ``<out>`` is resumed in place (e.g. after deleting images). Images are written
+whole (temporary file, then rename); a rerun skips the pairs whose PNG exists. ``generation.json`` records the
+settings; resuming with different settings is refused (they would mix two runs in one folder).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 from pmf_jax import config as config_lib
 from pmf_jax.errors import PMFInputError
 from pmf_jax.evaluation.pairs import Pair, image_source, read_pairs
+from pmf_jax.progress import bar as progress_bar
 
 SETTINGS_FILE = "generation.json"
 
@@ -38,40 +44,54 @@ class GenerationSummary:
     skipped: int        # already there
 
 
-def generation_settings(cfg: config_lib.Config, split: str, prompt: str, negative_prompt: str) -> Dict:
-    """Everything that changes the images (what ``generation.json`` holds and a resume must match)."""
+def generation_settings(cfg: config_lib.Config, split: str, prompt: str, negative_prompt: str, model=None,
+                        reference=None) -> Dict:
+    """Everything that changes the images (what ``generation.json`` holds and a resume must match). ``model``: the
+    :class:`~pmf_jax.evaluation.model.EvalModel` (recorded as ``model_source``); ``reference``: an export's
+    ReferenceConfig, used instead of ``cfg.reference``."""
     data = cfg.data
     dataset = data.name + (f"/{data.builder_config}" if data.builder_config else "")
     as_dict = lambda section: json.loads(json.dumps(dataclasses.asdict(section)))  # noqa: E731  (tuples -> lists)
-    return {"dataset": dataset, "split": split, "resolution": list(data.height_width), "prompt": prompt,
-            "negative_prompt": negative_prompt, "model": as_dict(cfg.model), "reference": as_dict(cfg.reference),
-            "sampling": as_dict(cfg.sampling)}
+    settings = {"dataset": dataset, "split": split, "resolution": list(data.height_width), "prompt": prompt,
+                "negative_prompt": negative_prompt, "model": as_dict(cfg.model),
+                "reference": as_dict(reference if reference is not None else cfg.reference),
+                "sampling": as_dict(cfg.sampling)}
+    if model is not None and model.kind != "config":
+        settings["model_source"] = model.describe()
+    return settings
 
 
-def _check_resume(out_dir: Path, settings: Dict) -> None:
-    path = out_dir / SETTINGS_FILE
+def _check_resume(folder: Path, settings: Dict, what: str) -> None:
+    """PMFInputError when ``folder`` (``what`` names it) holds a generation with other settings."""
+    path = folder / SETTINGS_FILE
     if not path.is_file():
         return
     try:
         old = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise PMFInputError(f"{path} is not valid JSON ({err}); remove it or use another --out") from None
-    changed = [f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in settings if old.get(k) != settings[k]]
+        raise PMFInputError(f"{path} is not valid JSON ({err}); remove it, use another --out or pass --overwrite") \
+            from None
+    keys = sorted(set(settings) | set(old))
+    changed = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in keys if old.get(k) != settings.get(k)]
     if changed:
-        raise PMFInputError(f"--out {str(out_dir)!r} holds images generated with other settings "
-                            f"({'; '.join(changed)}); use another --out or the same settings")
+        raise PMFInputError(f"{what} {str(folder)!r} holds images generated with other settings "
+                            f"({'; '.join(changed)}); use another --out, the same settings or --overwrite")
 
 
 def sample_pairs(pipe, cfg: config_lib.Config, sources: np.ndarray, poses: np.ndarray, seeds: Sequence[int],
-                 prompt: str, negative_prompt: str) -> List:
+                 prompt: str, negative_prompt: str, reference=None) -> List:
     """PIL images for a batch of pairs (``sources``, ``poses``: uint8 ``[B, H, W, 3]``), in one pipeline call (the
     batch is split over the devices). Image i uses ``seeds[i]`` exactly as a call with that seed alone would, so the
-    images do not depend on the batching or on an interrupted run."""
+    images do not depend on the batching or on an interrupted run. ``reference``: a ReferenceConfig instead of
+    ``cfg.reference`` (an export's own)."""
     from pmf_jax.pipelines.from_run import sampling_kwargs
 
+    kwargs = sampling_kwargs(cfg, pipe.mode)
+    if reference is not None:
+        kwargs["reference_config"] = reference
     h, w = sources.shape[1:3]
     return pipe(list(sources), list(poses), prompt=prompt, negative_prompt=negative_prompt, height=h, width=w,
-                num_images=1, seed=[int(x) for x in seeds], pose_kind="skeleton", **sampling_kwargs(cfg, pipe.mode))
+                num_images=1, seed=[int(x) for x in seeds], pose_kind="skeleton", **kwargs)
 
 
 def _batches(pairs: List[Pair], size: int):
@@ -80,57 +100,82 @@ def _batches(pairs: List[Pair], size: int):
 
 
 def generate(cfg: config_lib.Config, out_dir, *, split: Optional[str] = None, prompt: str = "",
-             negative_prompt: str = "", pipeline=None, limit: Optional[int] = None,
-             progress: bool = True) -> GenerationSummary:
+             negative_prompt: str = "", pipeline=None, model=None, limit: Optional[int] = None,
+             progress: bool = True, allow_pickle: bool = False, overwrite: bool = False) -> GenerationSummary:
     """Generates the missing images of the split's pairs into ``out_dir``.
 
     Args:
       cfg: the config (see the module docstring for the fields used).
       split: default ``cfg.data.eval_split``.
       prompt, negative_prompt: the text prompt of every pair (recorded; ``pmf eval score`` uses it for CLIP score).
-      pipeline: a built RetargetPipeline (default: :func:`~pmf_jax.pipelines.from_run.pipeline_from_run` of the
-        config, built once there is something to generate).
+      pipeline: a built RetargetPipeline (default: the one of ``model``, built once there is something to generate).
+      model: an :class:`~pmf_jax.evaluation.model.EvalModel` (``--model``: a training run or a PMF export); default
+        the folders the config's ``model`` section names.
       limit: only the first ``limit`` pairs of the split (smoke runs).
+      allow_pickle: as :func:`pmf_jax.io.from_pretrained`, for the models the config names.
+      overwrite: start afresh, replacing a non-empty ``out_dir`` when the new images are complete.
+    Raises:
+      PMFInputError: before any model loads, for an ``out_dir`` that is a file, not writable, non-empty and not a
+        generation (without ``overwrite``), or a generation with other settings.
     """
-    from tqdm import tqdm
+    from pmf_jax.evaluation.model import EvalModel, build_pipeline, export_reference
+    from pmf_jax.out_folder import check_can_create, check_out_folder, partial_folder, staged_folder
 
+    model = model or EvalModel("config")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PMFInputError(f"--out {str(out_dir)!r} exists and is not a folder")
     data = cfg.data
     split = split or data.eval_split
-    settings = generation_settings(cfg, split, prompt, negative_prompt)
-    _check_resume(out_dir, settings)
+    reference = export_reference(model)
+    settings = generation_settings(cfg, split, prompt, negative_prompt, model, reference)
+    in_place = not overwrite and out_dir.is_dir() and (out_dir / SETTINGS_FILE).is_file()
+    if in_place:  # a complete generation: resumed where it is (every image is written whole)
+        check_can_create(out_dir / SETTINGS_FILE)
+        _check_resume(out_dir, settings, "--out")
+        target = out_dir
+    else:  # staged in <out>.partial (which a stopped run left to resume), moved to out_dir once complete
+        check_out_folder(out_dir, overwrite)
+        target = partial_folder(out_dir)
+        if not overwrite:
+            _check_resume(target, settings, f"{str(target)!r} (a stopped run of --out)")
     pairs = read_pairs(data.name, data.builder_config, split, data.data_dir)
     if limit is not None:
         pairs = pairs[:limit]
     unique = list({p.filename: p for p in reversed(pairs)}.values())[::-1]  # one image per file name, split order
-    todo = [p for p in unique if not (out_dir / p.filename).is_file()]
-    if not todo:
+    fresh = overwrite or not target.is_dir()
+    todo = [p for p in unique if fresh or not (target / p.filename).is_file()]
+    if in_place and not todo:
         return GenerationSummary(out_dir, len(unique), 0, len(unique))
 
-    from pmf_jax.input_pipeline import prepare_pair
-
     pipe = pipeline
-    if pipe is None:
-        from pmf_jax.pipelines.from_run import pipeline_from_run
+    if pipe is None and todo:
+        pipe = build_pipeline(cfg, model, allow_pickle=allow_pickle)
 
-        pipe = pipeline_from_run(cfg)
-    # Recorded once the models load, so that a failed start (e.g. a wrong path) does not block the corrected run.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-    source = image_source(data.name, data.builder_config, split, data.data_dir)
-    bar = tqdm(total=len(todo), desc=f"generate {settings['dataset']} {split}", unit="pair", disable=not progress)
-    for batch in _batches(todo, data.eval_batch_size):
-        examples = [prepare_pair(source[p.index], data.height_width, None) for p in batch]
-        sources = np.stack([_to_uint8(e["source"], -1.0) for e in examples])   # [B, H, W, 3]
-        poses = np.stack([_to_uint8(e["pose"], 0.0) for e in examples])
-        seeds = [(cfg.sampling.seed + p.index) % 2**32 for p in batch]
-        images = sample_pairs(pipe, cfg, sources, poses, seeds, prompt, negative_prompt)
-        for pair, image in zip(batch, images):
-            _save_atomic(image, out_dir / pair.filename)
-        bar.update(len(batch))
-    bar.close()
+    def write(folder: Path) -> None:
+        # Recorded once the models load, so that a failed start (e.g. a wrong path) does not block the corrected run.
+        (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        if not todo:
+            return
+        from pmf_jax.input_pipeline import prepare_pair
+
+        source = image_source(data.name, data.builder_config, split, data.data_dir)
+        bar = progress_bar(total=len(todo), desc=f"generate {settings['dataset']} {split}", unit="pair",
+                           disable=not progress)
+        for batch in _batches(todo, data.eval_batch_size):
+            examples = [prepare_pair(source[p.index], data.height_width, None) for p in batch]
+            sources = np.stack([_to_uint8(e["source"], -1.0) for e in examples])   # [B, H, W, 3]
+            poses = np.stack([_to_uint8(e["pose"], 0.0) for e in examples])
+            seeds = [(cfg.sampling.seed + p.index) % 2**32 for p in batch]
+            images = sample_pairs(pipe, cfg, sources, poses, seeds, prompt, negative_prompt, reference)
+            for pair, image in zip(batch, images):
+                _save_atomic(image, folder / pair.filename)
+            bar.update(len(batch))
+        bar.close()
+
+    if in_place:
+        write(out_dir)
+    else:
+        with staged_folder(out_dir, overwrite, partial="resume") as stage:
+            write(stage)
     return GenerationSummary(out_dir, len(unique), len(todo), len(unique) - len(todo))
 
 

@@ -84,11 +84,19 @@ def markdown(results: Dict, label: str = "PMF (this run)") -> str:
     return "\n".join(lines)
 
 
-def write_report(results: Dict, out_prefix) -> Tuple[Path, Path]:
-    """Writes ``<out_prefix>.json`` (everything, per-pair values included) and ``<out_prefix>.md``."""
+def report_paths(out_prefix) -> Tuple[Path, Path]:
+    """``(<out_prefix>.json, <out_prefix>.md)``."""
     out_prefix = Path(out_prefix)
-    out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_prefix.with_name(out_prefix.name + ".json"), out_prefix.with_name(out_prefix.name + ".md")
-    json_path.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-    md_path.write_text(markdown(results))
+    return out_prefix.with_name(out_prefix.name + ".json"), out_prefix.with_name(out_prefix.name + ".md")
+
+
+def write_report(results: Dict, out_prefix) -> Tuple[Path, Path]:
+    """Writes ``<out_prefix>.json`` (everything, per-pair values included) and ``<out_prefix>.md``, each whole or not
+    at all (:func:`pmf_jax.out_folder.staged_file`; existing files are replaced)."""
+    from pmf_jax.out_folder import staged_file
+
+    json_path, md_path = report_paths(out_prefix)
+    with staged_file(json_path) as json_tmp, staged_file(md_path) as md_tmp:
+        json_tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+        md_tmp.write_text(markdown(results))
     return json_path, md_path

@@ -2,8 +2,9 @@
 
 The generated folder holds one ``<source>___<target>.png`` per pair of the split (see
 :mod:`pmf_jax.evaluation.pairs`); the ground truth is the split's stored target image (256x176 for
-``deepfashion_pairs/256x176``). Generated images of another size are resized to the ground truth's (bicubic) first,
-as the protocol scripts do. Every pair must be there; a missing or unreadable image is an error naming it.
+``deepfashion_pairs/256x176``). The protocol scores at the ground truth's size: a generated image of another size is
+an error naming it and both sizes, unless ``resize=True`` (``--resize``) resizes it (bicubic) first. Every pair must
+be there; a missing or unreadable image is an error naming it.
 
 - SSIM / PSNR: :mod:`pmf_jax.metrics.ssim_psnr` (the protocol's scikit-image settings, in JAX), per pair, averaged.
 - LPIPS: AlexNet v0.1 (``lpips`` package), per pair, averaged.
@@ -14,6 +15,7 @@ as the protocol scripts do. Every pair must be there; a missing or unreadable im
 - CLIP score: generated image vs the run's prompt (from ``generation.json`` or ``prompt=``), only when there is one.
 
 A metric whose network or package is missing is reported unavailable with the reason; the others are computed.
+When none of the requested metrics can be computed, that is an error (the CLI exits 2) listing the reasons.
 """
 
 from __future__ import annotations
@@ -30,25 +32,54 @@ from pmf_jax.errors import PMFInputError
 from pmf_jax.evaluation.generate import SETTINGS_FILE
 from pmf_jax.evaluation.pairs import SEPARATOR, Pair, dataset_size, image_source, read_pairs
 from pmf_jax.metrics import ssim_psnr
-from pmf_jax.metrics.availability import MetricUnavailable
+from pmf_jax.metrics.availability import MetricUnavailable, check_any_available
 from pmf_jax.metrics.clip_score import DEFAULT_CLIP
 from pmf_jax.metrics.fid import FeatureExtractor, FeatureStats, frechet_distance
+from pmf_jax.progress import bar as progress_bar
 
 METRICS = ("ssim", "psnr", "lpips", "fid", "clip_score")
 DEFAULT_STATS_CACHE = Path("~/.cache/pmf_jax/fid_stats")
 MISSING_SHOWN = 5
 
 
-def _load_generated(path: Path, size) -> np.ndarray:
-    """uint8 ``[H, W, 3]`` at ``size`` (bicubic resize if needed); PMFInputError naming the file if unreadable."""
+def wrong_size_message(path: Path, got, size) -> str:
+    """The error for a generated image of ``got`` (W, H) where the ground truth is ``size`` (H, W)."""
+    return (f"generated image {str(path)!r} is {got[0]}x{got[1]}, the ground truth is {size[1]}x{size[0]} (W x H): "
+            f"the protocol scores at the ground truth's size; generate at that size, or pass --resize to resize "
+            f"the generated images (bicubic)")
+
+
+def check_sizes(generated_dir: Path, pairs: Sequence[Pair], size, resize: bool) -> None:
+    """Unless ``resize``: every generated image is ``size`` (H, W), read from the file headers (nothing decoded),
+    so that a wrong size fails before any metric network loads."""
+    if resize:
+        return
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise PMFInputError(f"generated image {str(path)!r} cannot be read ({err})") from None
+    for pair in pairs:
+        path = generated_dir / pair.filename
+        try:
+            with Image.open(path) as image:
+                got = image.size
+                if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that swap width and height
+                    got = got[::-1]
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
+            continue  # unreadable: _load_generated names it
+        if got != (size[1], size[0]):
+            raise PMFInputError(wrong_size_message(path, got, size))
+
+
+def _load_generated(path: Path, size, resize: bool = False) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` at ``size``; another size is an error unless ``resize`` (bicubic); PMFInputError naming
+    the file if unreadable."""
+    from PIL import Image
+
+    from pmf_jax.image_reading import read_image_file
+
+    image = Image.fromarray(read_image_file(path, "generated image"))
     if image.size != (size[1], size[0]):
+        if not resize:
+            raise PMFInputError(wrong_size_message(path, image.size, size))
         image = image.resize((size[1], size[0]), Image.BICUBIC)
     return np.asarray(image, np.uint8)
 
@@ -97,10 +128,9 @@ def reference_stats(extractor: FeatureExtractor, reference: str, name: str, conf
     cache = cache_dir / f"{tag}.npz"
     if cache.is_file():
         return {"stats": FeatureStats.load(cache), "source": f"{reference} split (cached)", "cache": str(cache)}
-    from tqdm import tqdm
-
     stats, seen, batch = FeatureStats(), set(), []
-    for i in tqdm(range(len(source)), desc=f"FID reference: {reference} images", unit="pair", disable=not progress):
+    for i in progress_bar(range(len(source)), desc=f"FID reference: {reference} images", unit="pair",
+                          disable=not progress):
         example = source[i]
         for part in ("source", "target"):  # every distinct image of the split
             key = example[f"{part}_name"]
@@ -156,7 +186,8 @@ def score(generated_dir, dataset: str, config: Optional[str] = None, data_dir=No
           fid_reference: str = "train", weights_dir: Optional[os.PathLike] = None,
           clip_model: str = DEFAULT_CLIP, prompt: Optional[str] = None, metrics: Sequence[str] = METRICS,
           feature_extractor: Optional[FeatureExtractor] = None, stats_cache: Optional[os.PathLike] = None,
-          batch_size: int = 16, ssim_sigma: float = ssim_psnr.SIGMA, progress: bool = True) -> Dict:
+          batch_size: int = 16, ssim_sigma: float = ssim_psnr.SIGMA, resize: bool = False,
+          progress: bool = True) -> Dict:
     """Scores ``generated_dir`` against the split's ground truth (see the module docstring).
 
     Args:
@@ -166,11 +197,14 @@ def score(generated_dir, dataset: str, config: Optional[str] = None, data_dir=No
       clip_model: CLIP folder or cached repo id. prompt: overrides ``generation.json``'s prompt.
       metrics: a subset of :data:`METRICS`.
       feature_extractor: FID features (default: pytorch-fid Inception from ``weights_dir``).
+      resize: resize generated images of another size to the ground truth's (bicubic); default: an error.
     Returns:
       A JSON-ready dict: ``metrics`` (name -> ``{"available": True, "value", "n"}`` or ``{"available": False,
       "reason"}``), ``per_pair`` (file, ssim, psnr, lpips), and the settings used.
+    Raises:
+      PMFInputError: bad inputs (missing or stray images, a wrong size without ``resize``), and when none of the
+        requested metrics can be computed (:func:`~pmf_jax.metrics.availability.check_any_available`).
     """
-    from tqdm import tqdm
 
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
@@ -189,16 +223,19 @@ def score(generated_dir, dataset: str, config: Optional[str] = None, data_dir=No
     if prompt is None:
         prompt = settings.get("prompt", "")
     size = dataset_size(dataset, config, data_dir)
+    check_sizes(generated_dir, pairs, size, resize)
 
     results: Dict[str, Dict] = {}
     opened = _open_metrics(metrics, weights_dir, clip_model, prompt, feature_extractor, results)
+    check_any_available({m: results.get(m, {"available": True}) for m in metrics})  # before any image is scored
     per_pair: Dict[str, List[float]] = {m: [] for m in ("ssim", "psnr") if m in metrics}
     if "lpips" in opened:
         per_pair["lpips"] = []
     generated_stats = FeatureStats()
     source = image_source(dataset, config, split, data_dir)
-    for batch in tqdm(list(_batches(pairs, batch_size)), desc=f"score {what}", unit="batch", disable=not progress):
-        gen = np.stack([_load_generated(generated_dir / p.filename, size) for p in batch])   # [B, H, W, 3]
+    batches = list(_batches(pairs, batch_size))
+    for batch in progress_bar(batches, desc=f"score {what}", unit="batch", disable=not progress):
+        gen = np.stack([_load_generated(generated_dir / p.filename, size, resize) for p in batch])  # [B, H, W, 3]
         ref = np.stack([source[p.index]["target_image"] for p in batch])
         n = len(batch)
         if "ssim" in per_pair:
@@ -230,6 +267,7 @@ def score(generated_dir, dataset: str, config: Optional[str] = None, data_dir=No
     if "lpips" in opened:
         results["lpips"]["weights"] = opened["lpips"].weights
 
+    check_any_available(results)  # FID may still have found too few images
     files = [p.filename for p in pairs]
     return {
         "dataset": f"{dataset}/{config}" if config else dataset,
@@ -237,6 +275,7 @@ def score(generated_dir, dataset: str, config: Optional[str] = None, data_dir=No
         "generated": str(generated_dir),
         "num_pairs": len(pairs),
         "image_size": list(size),
+        "resized": resize,
         "metrics": {m: results[m] for m in METRICS if m in results},
         "protocol": {"ssim": f"gaussian window sigma={ssim_sigma}, population covariance, data_range = generated "
                              "max - min, per channel, 5 px border excluded (scikit-image settings of PATN/GFLA)",

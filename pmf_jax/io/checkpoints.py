@@ -3,7 +3,8 @@
 A run directory (``train.output_dir``) holds ``config.yaml``, ``components.json`` (each trained model's config,
 which parts trained, the reference settings) and ``checkpoints/<step>/{state,data}``. :func:`restore_trained_params`
 restores the trained parameters (or their EMA) of any step onto host memory, whatever mesh saved them: the restore
-target is built from the checkpoint's own metadata, and the optimizer state is skipped, not read.
+target is built from the checkpoint's own metadata, and the optimizer state is skipped, not read. The step's checksum
+manifest is verified first (a corrupt step is an error naming an earlier step; only the trainer falls back on its own).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pmf_jax.errors import PMFInputError
+from pmf_jax.io.checkpoint_checksums import restore_newest_intact
+from pmf_jax.io.finite import check_finite
 
 
 def resolve_run(path) -> Tuple[Path, Optional[int]]:
@@ -48,16 +51,17 @@ def open_manager(run_dir) -> ocp.CheckpointManager:
 def restore_trained_params(run_dir, step: Optional[int] = None, *, ema: bool = True) -> Tuple[Dict[str, Any], int]:
     """Returns ({part: numpy param tree} of the trained parts, step). ``ema``: the EMA copy when the run kept one.
 
-    Raises PMFInputError for a missing run/step and for an incomplete or corrupt checkpoint.
+    Raises PMFInputError for a missing run/step, for an incomplete or corrupt checkpoint and for parameters holding
+    NaN or Inf (one reduction over the tree; the message names the checkpoint and the parameters).
     """
     manager = open_manager(run_dir)
     steps = sorted(manager.all_steps())
     if not steps:
         raise PMFInputError(f"{run_dir} has no complete checkpoint")
-    step = steps[-1] if step is None else step
-    if step not in steps:
+    if step is not None and step not in steps:
         raise PMFInputError(f"{run_dir} has no checkpoint at step {step}; available: {steps}")
-    try:
+
+    def restore_step(step):
         tree = manager.item_metadata(step)["state"]
         tree = getattr(tree, "tree", tree)
         key = "ema_params" if ema and tree.get("ema_params") is not None else "params"
@@ -67,11 +71,18 @@ def restore_trained_params(run_dir, step: Optional[int] = None, *, ema: bool = T
         restore_args = jax.tree_util.tree_map(
             lambda s: ocp.ArrayRestoreArgs(sharding=device, global_shape=s.shape, dtype=s.dtype), item)
         # partial_restore: only the parameters are read; the optimizer state stays on disk.
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        return key, manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=item, restore_args=restore_args, partial_restore=True)))
-    except Exception as err:  # noqa: BLE001 - orbax reports damage with many exception types
-        raise PMFInputError(f"checkpoint {manager.directory}/{step} is incomplete or corrupt: {err}") from err
+
+    step = steps[-1] if step is None else step
+    try:  # the step asked for, verified: a reader does not fall back to an older step on its own
+        (key, restored), step = restore_newest_intact(manager.directory, [step], restore_step)
+    except PMFInputError as err:
+        earlier = [s for s in steps if s < step]
+        raise PMFInputError(f"{err}" + (f"; an earlier step can be read: {run_dir}/checkpoints/{earlier[-1]}"
+                                         if earlier else "")) from None
     finally:
         manager.close()
     params = jax.tree_util.tree_map(np.asarray, restored["state"][key])
+    check_finite(params, f"checkpoint {manager.directory}/{step} ({key})")
     return params, step

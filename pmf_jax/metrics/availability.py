@@ -9,7 +9,8 @@ in, in order:
    lpips and pytorch-fid put these files when they download them on a machine with network access.
 
 A metric whose file (or package) is absent raises :class:`MetricUnavailable` with the reason and the fix; the scorer
-reports it as unavailable and computes the other metrics.
+reports it as unavailable and computes the other metrics. When none of the requested metrics can run,
+:func:`check_any_available` makes that an input error (``pmf eval score`` exits 2), not an empty report.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
+
+from pmf_jax.errors import PMFInputError
 
 WEIGHTS_ENV = "PMF_METRIC_WEIGHTS"
 
@@ -78,3 +81,11 @@ def require_modules(metric: str, modules: Sequence[str], extra: str = "eval") ->
             raise MetricUnavailable(
                 metric, f"Python package {name!r} is not installed ({err}); pip install 'pmf_jax[{extra}]'"
             ) from None
+
+
+def check_any_available(results: Mapping[str, Mapping]) -> None:
+    """``results``: metric -> ``{"available": bool, "reason": str}``. Raises :class:`PMFInputError` listing every
+    reason when none is available (nothing that was asked for can be computed)."""
+    if results and not any(entry["available"] for entry in results.values()):
+        reasons = "; ".join(f"{metric}: {entry.get('reason', 'unavailable')}" for metric, entry in results.items())
+        raise PMFInputError(f"none of the requested metrics can be computed ({reasons})")

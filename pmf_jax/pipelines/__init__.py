@@ -11,6 +11,7 @@ _EXPORTS = {
     "RetargetStatic": "pmf_jax.pipelines.retarget_inputs",
     "EnhancePipeline": "pmf_jax.pipelines.enhance",
     "EnhanceBatch": "pmf_jax.pipelines.enhance",
+    "EnhanceStatic": "pmf_jax.pipelines.enhance",
     "SamplingStatic": "pmf_jax.pipelines.base",
     "Programs": "pmf_jax.pipelines.base",
     "MODES": "pmf_jax.pipelines.retarget",

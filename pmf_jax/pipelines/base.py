@@ -15,6 +15,11 @@ Three programs per static setting (:meth:`SamplingPipeline.programs`; jitted on 
 What is static (new programs): the scheduler and its number of steps, the guidance layout (rows), the reference
 settings, the output kind, the batch size and resolution. What is traced (no recompilation): the parameters, prompts
 (their embeddings), the seed, every guidance scale and the ControlNet scale.
+
+Before the first run of a static setting and batch shape, :meth:`SamplingPipeline.check_memory` compiles the three
+programs ahead of time (the run then reuses them) and compares what they hold with the device's memory
+(:mod:`pmf_jax.pipelines.memory`): a call that cannot fit is a one-line error that suggests a size that fits, not an
+out-of-memory crash halfway.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 
 from pmf_jax.errors import PMFInputError
 from pmf_jax.pipelines import common
+from pmf_jax.pipelines.finite_output import check_finite_output
 from pmf_jax.pipelines.images import to_pil
 from pmf_jax.schedulers import SCHEDULERS, Scheduler, make_scheduler
 from pmf_jax.schedulers import noise as noise_lib
@@ -67,6 +73,7 @@ class SamplingPipeline:
         self._jitted: Dict[Hashable, Programs] = {}
         self._placed = None
         self._traces = 0
+        self._memory_checked = set()
 
     # -------------------------------------------------------------------------------------------------- settings
     def make_scheduler(self, name: str):
@@ -178,34 +185,82 @@ class SamplingPipeline:
     def run_programs(self, static, batch, scalars: Dict[str, Any], *, progress: bool = False,
                      desc: str = "sampling") -> np.ndarray:
         """Pads ``batch`` (host arrays [N, ...]) to the device count, places it, runs the programs of ``static``;
-        returns the N outputs (host array). ``scalars``: the traced scalars (guidance scales)."""
+        returns the N outputs (host array; PMFInputError if one holds NaN or Inf). ``scalars``: the traced scalars
+        (guidance scales)."""
         from pmf_jax.parallel import num_batch_shards
 
         mesh = common.batch_mesh()
         batch, n = common.pad_batch(batch, num_batch_shards(mesh))
         params, batch = self.placed_params(), common.place_batch(batch, mesh)
         scalars = common.place_replicated(scalars, mesh)
+        self.check_memory(static, params, batch, scalars, n)
         prologue, loop, epilogue = self.jitted_programs(static)
-        carry, extras = prologue(params, batch, scalars)
-        steps = static.steps
-        if progress:
-            from tqdm.auto import tqdm
+        try:
+            carry, extras = prologue(params, batch, scalars)
+            steps = static.steps
+            if progress:
+                from pmf_jax.progress import bar as progress_bar
 
-            with tqdm(total=steps, desc=desc, unit="step", leave=False) as bar:
-                for i in range(steps):
-                    carry = jax.block_until_ready(loop(params, batch, scalars, extras, carry, np.int32(i),
-                                                       np.int32(i + 1)))
-                    bar.update(1)
-        else:
-            carry = loop(params, batch, scalars, extras, carry, np.int32(0), np.int32(steps))
-        out = np.asarray(jax.device_get(epilogue(params, carry)))
+                with progress_bar(total=steps, desc=desc, unit="step", leave=False) as bar:
+                    for i in range(steps):
+                        carry = jax.block_until_ready(loop(params, batch, scalars, extras, carry, np.int32(i),
+                                                           np.int32(i + 1)))
+                        bar.update(1)
+            else:
+                carry = loop(params, batch, scalars, extras, carry, np.int32(0), np.int32(steps))
+            out = np.asarray(jax.device_get(epilogue(params, carry)))
+        except jax.errors.JaxRuntimeError as err:
+            raise _out_of_memory(err) from None
+        check_finite_output(out[:n], desc)
         return out[:n]
+
+    def check_memory(self, static, params, batch, scalars, num_images: int) -> None:
+        """Compiles the programs of ``static`` for these (placed) inputs ahead of time — the run reuses them — and
+        raises a one-line :class:`~pmf_jax.errors.PMFInputError` when the largest one needs more memory per device
+        than there is (:mod:`pmf_jax.pipelines.memory`). Once per static setting and batch shape."""
+        from pmf_jax.pipelines import memory
+
+        key = (static, jax.tree_util.tree_structure(batch),
+               tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(batch)))
+        if key in self._memory_checked:
+            return
+        programs = self.jitted_programs(static)
+        step = jax.ShapeDtypeStruct((), np.int32)
+        try:
+            prologue = programs.prologue.lower(params, batch, scalars).compile()
+            carry, extras = prologue.out_info
+            loop = programs.loop.lower(params, batch, scalars, extras, carry, step, step).compile()
+            epilogue = programs.epilogue.lower(params, loop.out_info).compile()
+        except jax.errors.JaxRuntimeError as err:
+            raise _out_of_memory(err) from None
+        need = max(memory.program_bytes(c, jax.default_backend()) for c in (prologue, loop, epilogue))
+        nbytes = lambda tree: sum(a.nbytes for a in jax.tree_util.tree_leaves(tree))  # noqa: E731
+        # each device holds all the (replicated) parameters and its share of the batch
+        fixed = nbytes(params)
+        resident = fixed + nbytes(batch) // max(1, len(jax.devices()))
+        have, where = memory.available_bytes(jax.local_devices(), resident)
+        factor = common.vae_factor(self.vae)
+        size = (static.latent_shape[0] * factor, static.latent_shape[1] * factor)
+        memory.check_fits(need, have, where, size=size, num_images=num_images, fixed=fixed,
+                          multiple=int(np.lcm(8, factor)))
+        self._memory_checked.add(key)
 
     @staticmethod
     def format_output(out: np.ndarray, output_type: str):
         if output_type == "pil":
             return [to_pil(image) for image in out]
         return out
+
+
+def _out_of_memory(err: Exception) -> Exception:
+    """An XLA error at run time: RESOURCE_EXHAUSTED (the memory check's estimate fell short) as one line; others as
+    they are."""
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" not in text and "Out of memory" not in text:
+        return err
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return PMFInputError(f"sampling ran out of device memory ({first[:200]}); try a smaller --height/--width or "
+                         f"fewer images")
 
 
 __all__ = ["OUTPUT_TYPES", "Programs", "SamplingPipeline", "SamplingStatic"]

@@ -65,13 +65,14 @@ def _context(frozen) -> np.ndarray:
     return np.asarray(context[0])
 
 
-def pipeline_from_run(run, *, mode: Optional[str] = None) -> RetargetPipeline:
+def pipeline_from_run(run, *, mode: Optional[str] = None, allow_pickle: bool = False) -> RetargetPipeline:
     """The retarget pipeline of ``run``: a :class:`RunParts` (a run in memory), or a config whose ``model``
     section names folders (``model.base`` an SD folder; ``model.reference_unet`` null: the base UNet, an untrained
-    ACM). ``mode``: default the config's ``reference.mode``."""
+    ACM). ``mode``: default the config's ``reference.mode``. ``allow_pickle``: as :func:`pmf_jax.io.from_pretrained`
+    (folders only)."""
     if isinstance(run, RunParts):
         return _from_parts(run, run_mode(run.cfg, mode))
-    return _from_folders(run, run_mode(run, mode))
+    return _from_folders(run, run_mode(run, mode), allow_pickle)
 
 
 def _from_parts(run: RunParts, mode: str) -> RetargetPipeline:
@@ -85,11 +86,11 @@ def _from_parts(run: RunParts, mode: str) -> RetargetPipeline:
         unet=(comps.unet, params["unet"]), controlnet=(comps.controlnet, params["controlnet"]),
         vae=(comps.autoencoder, params["vae"]),  # the identity autoencoder too (its patch size)
         reference_unet=(comps.reference_unet, params["reference"]) if mode == "acm" else None, mode=mode,
-        context=_context(run.frozen),
+        context=_context(run.frozen), native_size=run.cfg.data.height_width,
         scheduler_config=sampling_scheduler_config(comps, run.cfg.train.prediction_type))
 
 
-def _from_folders(cfg, mode: str) -> RetargetPipeline:
+def _from_folders(cfg, mode: str, allow_pickle: bool = False) -> RetargetPipeline:
     model = cfg.model
     if model.controlnet is None:
         raise PMFInputError("config model.controlnet is null; the retarget pipeline needs the pose ControlNet")
@@ -97,7 +98,7 @@ def _from_folders(cfg, mode: str) -> RetargetPipeline:
     reference_unet = (model.reference_unet or model.base) if mode == "acm" else None
     return RetargetPipeline.from_pretrained(model.base, controlnet=model.controlnet, reference_unet=reference_unet,
                                             mode=mode, dtype=model.dtype, attention_backend=model.attention_backend,
-                                            revision=model.revision)
+                                            revision=model.revision, allow_pickle=allow_pickle)
 
 
 def sampling_kwargs(cfg, mode: Optional[str] = None) -> Dict[str, Any]:

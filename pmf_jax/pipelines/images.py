@@ -1,8 +1,10 @@
 """Host-side image handling for the pipelines (PIL + numpy + OpenCV, no JAX import, so the CLI checks inputs fast).
 
 Conventions: images are uint8 ``[H, W, 3]`` RGB arrays (or PIL); float arrays are in [0, 1]. Resolutions are
-multiples of 8; when the caller gives none, the source image's aspect ratio picks one of a small set of
-**resolution buckets** (every side one of :data:`BUCKETS`), so a run compiles for a few shapes only.
+multiples of 8; when the caller gives none, the model's **native resolution** is used (what it was trained at:
+:func:`pmf_jax.pipelines.defaults.native_size`), and for models whose native long side is
+:data:`BUCKETING_MIN_SIDE` or more the source image's aspect ratio picks one of a small set of **resolution buckets**
+(every side one of :data:`BUCKETS` or the native long side), so a run compiles for a few shapes only.
 Inputs of another aspect ratio are fitted with :func:`pmf_jax.pose.inputs.fit_transform` — ``"pad"`` (letterbox;
 photos padded by repeating their border, skeletons with black) or ``"crop"`` — the same transform for the source
 image and the pose, so they stay aligned.
@@ -18,44 +20,37 @@ import numpy as np
 from PIL import Image
 
 from pmf_jax.errors import PMFInputError
+from pmf_jax.image_reading import WHITE, array_to_rgb8, check_pixel_count, pil_to_rgb8, read_image_file
 
 BUCKETS: Tuple[int, ...] = (256, 384, 512, 640, 768)  # allowed side lengths when the size is chosen for the user
-DEFAULT_LONG_SIDE = 512
+DEFAULT_LONG_SIDE = 512  # the bucket's long side when the model's native resolution is unknown
+BUCKETING_MIN_SIDE = 512  # models trained at a smaller size sample at their native size only
 MULTIPLE = 8  # SD's VAE downscale factor: every height/width must be a multiple of it
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
-def load_image(image: ImageLike, name: str = "image") -> np.ndarray:
-    """uint8 RGB ``[H, W, 3]`` from a path (EXIF rotation applied), a PIL image, or an array (uint8, or float in
-    [0, 1]; gray and RGBA converted).
+def load_image(image: ImageLike, name: str = "image", background: int = WHITE) -> np.ndarray:
+    """uint8 RGB ``[H, W, 3]`` from a path (size checked against the pixel limit before decoding, EXIF rotation
+    applied), a PIL image of any mode, or an array (uint8, uint16 or float in [0, 1]; gray, gray + alpha, RGB or
+    RGBA): :mod:`pmf_jax.image_reading` (16-bit scaled to 8 bits, alpha composited onto ``background``, white
+    by default).
 
     Raises:
-      PMFInputError: naming ``name`` and the path when the file is missing or not a readable image.
+      PMFInputError: naming ``name`` and the path when the file is missing, too large or not a readable image.
     """
     if isinstance(image, (str, os.PathLike)):
-        from pmf_jax.pose.inputs import read_image
-
         path = Path(image).expanduser()
         if not path.is_file():
             raise PMFInputError(f"{name}: file {str(path)!r} does not exist")
-        return read_image(path, name)
+        return read_image_file(path, name, background)
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        if not np.issubdtype(array.dtype, np.floating):
-            raise PMFInputError(f"{name}: arrays must be uint8 or float in [0, 1], got {array.dtype}")
-        array = np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise PMFInputError(f"{name}: expected an image array [H, W, 3], got shape {array.shape}")
-    return np.asarray(Image.fromarray(array).convert("RGB"))
+        return pil_to_rgb8(image, name, background)
+    return array_to_rgb8(image, name, background)
 
 
 def check_resolution(height: Optional[int], width: Optional[int]) -> None:
-    """Both or neither given; positive multiples of 8."""
+    """Both or neither given; positive multiples of 8, within the pixel limit (:mod:`pmf_jax.image_reading`)."""
     if (height is None) != (width is None):
         raise PMFInputError("give both height and width, or neither (then a resolution bucket is chosen)")
     if height is None:
@@ -63,6 +58,7 @@ def check_resolution(height: Optional[int], width: Optional[int]) -> None:
     for key, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0 or value % MULTIPLE:
             raise PMFInputError(f"{key}={value!r} must be a positive multiple of {MULTIPLE}")
+    check_pixel_count(height, width, "the requested size (height x width)")
 
 
 def bucket_size(height: int, width: int, long_side: int = DEFAULT_LONG_SIDE,
@@ -75,12 +71,30 @@ def bucket_size(height: int, width: int, long_side: int = DEFAULT_LONG_SIDE,
 
 
 def resolve_size(image_shape: Sequence[int], height: Optional[int], width: Optional[int],
-                 long_side: int = DEFAULT_LONG_SIDE) -> Tuple[int, int]:
-    """(H, W): the given size (checked), or the bucket of an image of shape ``image_shape`` ([H0, W0, ...])."""
+                 native: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+    """(H, W): the given size (checked); else the model's ``native`` (H, W) when its long side is below
+    :data:`BUCKETING_MIN_SIDE`; else the bucket of an image of shape ``image_shape`` ([H0, W0, ...]) with the native
+    long side (:data:`DEFAULT_LONG_SIDE` when ``native`` is None: unknown)."""
     check_resolution(height, width)
     if height is not None:
         return int(height), int(width)
-    return bucket_size(int(image_shape[0]), int(image_shape[1]), long_side)
+    if native is not None and max(native) < BUCKETING_MIN_SIDE:
+        return int(native[0]), int(native[1])
+    long_side = int(max(native)) if native is not None else DEFAULT_LONG_SIDE
+    return bucket_size(int(image_shape[0]), int(image_shape[1]), long_side, sorted(set(BUCKETS) | {long_side}))
+
+
+def describe_size(size: Tuple[int, int], height: Optional[int], native: Optional[Tuple[int, int]]) -> str:
+    """One line saying which size :func:`resolve_size` chose and why (the CLI prints it)."""
+    if height is not None:
+        why = "as given"
+    elif native is not None and max(native) < BUCKETING_MIN_SIDE:
+        why = "the model's native resolution"
+    elif native is not None:
+        why = f"the source's aspect-ratio bucket for the model's native {native[0]}x{native[1]}"
+    else:
+        why = f"the source's aspect-ratio bucket (long side {DEFAULT_LONG_SIDE}; the model records no native size)"
+    return f"size: {size[0]}x{size[1]} ({why})"
 
 
 def fit_image(image: np.ndarray, size: Tuple[int, int], fit: str = "pad"):

@@ -25,17 +25,18 @@ def _check_class(module, cls_name: str, where) -> None:
 
 
 def load_model(path_or_repo_id, kind: str, subfolder, *, dtype, attention_backend: str = "auto",
-               revision: Optional[str] = None) -> Tuple[Any, Any]:
+               revision: Optional[str] = None, allow_pickle: bool = False) -> Tuple[Any, Any]:
     """``(module, params)`` of a ``kind`` model (e.g. "ControlNetModel") from its own folder or from
     ``<pipeline folder>/<subfolder>`` (``subfolder``: a name or a tuple of names tried in order); a local folder or a
-    Hub repo id in the local cache."""
+    Hub repo id in the local cache. ``allow_pickle``: as :func:`pmf_jax.io.from_pretrained`."""
     folder = resolve_folder(path_or_repo_id, revision=revision)
     if not (folder / "config.json").is_file():
         for name in (subfolder,) if isinstance(subfolder, str) else subfolder:
             if (folder / name / "config.json").is_file():
                 folder = folder / name
                 break
-    module, params = from_pretrained(folder, dtype=dtype, attention_backend=attention_backend)
+    module, params = from_pretrained(folder, dtype=dtype, attention_backend=attention_backend,
+                                     allow_pickle=allow_pickle)
     _check_class(module, kind, folder)
     return module, params
 
@@ -52,8 +53,8 @@ def read_scheduler_config(folder: Path) -> Dict[str, Any]:
 
 
 def load_sd_parts(path_or_repo_id, *, dtype, attention_backend: str = "auto",
-                  revision: Optional[str] = None) -> Dict[str, Any]:
-    """The parts of an SD pipeline folder.
+                  revision: Optional[str] = None, allow_pickle: bool = False) -> Dict[str, Any]:
+    """The parts of an SD pipeline folder (``allow_pickle``: as :func:`pmf_jax.io.from_pretrained`).
 
     Returns:
       dict with ``unet``, ``vae``, ``text_encoder`` ((module, params) pairs; text_encoder None when absent),
@@ -65,7 +66,7 @@ def load_sd_parts(path_or_repo_id, *, dtype, attention_backend: str = "auto",
     folder = resolve_folder(path_or_repo_id, revision=revision)
     if not (folder / "unet").is_dir():
         raise PMFInputError(f"{path_or_repo_id!r} is not a Stable Diffusion folder: it has no unet/ subfolder")
-    kw = dict(dtype=dtype, attention_backend=attention_backend)
+    kw = dict(dtype=dtype, attention_backend=attention_backend, allow_pickle=allow_pickle)
     unet = from_pretrained(folder, "unet", **kw)
     _check_class(unet[0], "UNet2DConditionModel", folder / "unet")
     if (folder / "vae").is_dir():

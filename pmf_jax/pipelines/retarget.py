@@ -15,13 +15,18 @@ Guidance (one batched UNet call per step; rows of sample n at n·G + g):
     (``ref_mix = 1``), c = prompt + reference, a = prompt without reference;
     ``ε = u + g_t·(a − u) + g_a·(c − a)`` (:func:`~pmf_jax.pipelines.common.nested_guidance`): g_t weighs the
     text, g_a the appearance (MagicPose-style appearance CFG).
+A model without a text encoder has one fixed context for every row, so the rows that differ by their text alone are
+equal: its calls drop them (the layouts of :data:`~pmf_jax.pipelines.retarget_inputs.LAYOUTS`): with appearance
+guidance G = 2 rows ``[a, c]``, ``ε = a + g_a·(c − a)``; without it, when u reads the reference as c does
+(``style_fidelity`` 0, or mode controlnet_only), G = 1 row ``[c]``, ``ε = c`` — the same result at a smaller batch,
+so ``guidance_scale`` changes nothing there.
 The reference UNet runs on the N samples only (prompt embedding as its context) once per step — once in total with
 ``reference_timestep="zero"`` — and its bank is repeated to the G rows.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +36,10 @@ from pmf_jax import constants, rows as rows_lib
 from pmf_jax.errors import PMFInputError
 from pmf_jax.pipelines import common
 from pmf_jax.pipelines.base import SamplingPipeline
+from pmf_jax.pipelines.defaults import size_of
 from pmf_jax.pipelines.images import fit_image, load_image, resolve_size, to_float
-from pmf_jax.pipelines.retarget_inputs import RetargetBatch, RetargetStatic, abstract_scalars, retarget_scalars
+from pmf_jax.pipelines.retarget_inputs import (LAYOUTS, RetargetBatch, RetargetStatic, abstract_scalars,
+                                               guidance_layout, retarget_scalars)
 from pmf_jax.reference import ReferenceConfig, ReferenceRead, write_inputs
 from pmf_jax.schedulers import Scheduler
 from pmf_jax.schedulers import noise as noise_lib
@@ -60,7 +67,9 @@ class RetargetPipeline(SamplingPipeline):
                        pixel space), text_encoder=(clip, p) or None (a fixed context, default all zeros
                        [1, 1, cross_attention_dim]), tokenizer=..., reference_unet=(ref, p) (mode "acm"),
                        mode="acm", scheduler_config={...} (diffusers scheduler_config.json dict),
-                       reference_config=ReferenceConfig(...) (how the bank is read by default))
+                       reference_config=ReferenceConfig(...) (how the bank is read by default),
+                       native_size=(H, W) (the default output size; None: the UNet's sample_size times the
+                       autoencoder's factor))
 
     or from folders with :meth:`from_pretrained`, or from a training run or a config with
     :func:`pmf_jax.pipelines.from_run.pipeline_from_run`. Call it with a source image and a pose (see
@@ -69,7 +78,7 @@ class RetargetPipeline(SamplingPipeline):
 
     def __init__(self, unet, controlnet, vae=None, text_encoder=None, tokenizer=None, reference_unet=None,
                  mode: str = constants.DEFAULT_MODE, scheduler_config=None, context=None,
-                 reference_config: Optional[ReferenceConfig] = None):
+                 reference_config: Optional[ReferenceConfig] = None, native_size: Optional[Tuple[int, int]] = None):
         super().__init__(scheduler_config)
         if mode not in MODES:
             raise PMFInputError(f"mode={mode!r} must be one of {', '.join(MODES)}")
@@ -89,6 +98,8 @@ class RetargetPipeline(SamplingPipeline):
         (self.unet, p_unet), (self.controlnet, p_cn), (self.vae, p_vae) = unet, controlnet, vae
         self.reference_unet = reference_unet[0] if reference_unet is not None else None
         self.params = {"unet": p_unet, "controlnet": p_cn, "vae": p_vae}
+        #: (H, W) of a call without height/width (:func:`pmf_jax.pipelines.images.resolve_size`), None: unknown.
+        self.native_size = native_size or size_of(self.unet.sample_size, common.vae_factor(self.vae))
         if reference_unet is not None:
             self.params["reference"] = reference_unet[1]
         dim = self.unet.cross_attention_dim
@@ -98,15 +109,16 @@ class RetargetPipeline(SamplingPipeline):
 
     @classmethod
     def from_pretrained(cls, sd_path_or_id, controlnet=None, reference_unet=None, mode: Optional[str] = None,
-                        dtype=None, *, attention_backend: str = "auto", revision=None):
+                        dtype=None, *, attention_backend: str = "auto", revision=None, allow_pickle: bool = False):
         """Loads an SD pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), a ControlNet folder
         (or repo id) and, for mode "acm", a reference UNet folder. ``dtype`` None: bfloat16 on GPU/TPU, float32 on
-        CPU (parameters and compute).
+        CPU (parameters and compute). ``allow_pickle``: as :func:`pmf_jax.io.from_pretrained`.
 
         A PMF export (``pmf convert to-diffusers``: controlnet/, reference_unet/ and pmf_config.json beside unet/)
         supplies what is not given: its ControlNet and reference UNet, its mode (otherwise "acm") and the reference
         settings it was trained with (:attr:`reference_config`, the default of :meth:`__call__`)."""
         from pmf_jax.convert.folders import read_pmf_config, reference_config_of
+        from pmf_jax.pipelines.defaults import native_size
         from pmf_jax.io.hub import resolve_folder
         from pmf_jax.pipelines.loading import load_model, load_sd_parts
 
@@ -124,21 +136,23 @@ class RetargetPipeline(SamplingPipeline):
                 raise PMFInputError(f"mode 'acm' needs reference_unet (a UNet folder: the trained ACM); "
                                     f"{sd_path_or_id!r} has no reference_unet/")
             reference_unet = folder
-        kw = dict(dtype=common.resolve_dtype(dtype), attention_backend=attention_backend)
+        kw = dict(dtype=common.resolve_dtype(dtype), attention_backend=attention_backend, allow_pickle=allow_pickle)
         parts = load_sd_parts(folder, **kw)
         cn = load_model(controlnet, "ControlNetModel", "controlnet", **kw)
         # a PMF export (`pmf convert to-diffusers`) holds the ACM as reference_unet/ beside the base's unet/
         ref = (load_model(reference_unet, "UNet2DConditionModel", ("reference_unet", "unet"), **kw)
                if mode == "acm" else None)
         return cls(parts["unet"], cn, parts["vae"], parts["text_encoder"], parts["tokenizer"], ref, mode,
-                   parts["scheduler_config"], reference_config=reference_config_of(export))
+                   parts["scheduler_config"], reference_config=reference_config_of(export),
+                   native_size=native_size(folder))
 
     # ------------------------------------------------------------------------------------------------ inputs
     def prepare_inputs(self, source_image, pose, height: Optional[int] = None, width: Optional[int] = None,
                        fit: str = "pad", pose_kind: str = "auto", **pose_options):
         """The model-resolution inputs of one pair: ``(source uint8 [H, W, 3], pose skeleton uint8 [H, W, 3])``.
 
-        (H, W) is ``height``/``width`` or the bucket of the source image. The source is fitted with ``fit``
+        (H, W) is ``height``/``width``, else :attr:`native_size` (or, for models trained at 512 or more, the source
+        image's bucket: :func:`~pmf_jax.pipelines.images.resolve_size`). The source is fitted with ``fit``
         ("pad": letterbox, border pixels repeated; "crop": centre crop). The pose, with the same fit: a
         ``PoseCondition`` of that size is used as is; anything else goes through
         :func:`pmf_jax.pose.inputs.resolve_pose` as ``pose_kind`` says (``pose_options``: ``align_to``,
@@ -147,7 +161,7 @@ class RetargetPipeline(SamplingPipeline):
         from pmf_jax.pose.inputs import resolve_pose
 
         source = load_image(source_image, "source image")
-        size = resolve_size(source.shape, height, width)
+        size = resolve_size(source.shape, height, width, self.native_size)
         factor = common.vae_factor(self.vae)
         if size[0] % factor or size[1] % factor:
             raise PMFInputError(f"height={size[0]} and width={size[1]} must be multiples of the autoencoder's "
@@ -174,7 +188,8 @@ class RetargetPipeline(SamplingPipeline):
           prompt, negative_prompt: a string, or one per image (N = P · num_images, pair-major).
           guidance_scale, appearance_guidance_scale: see the module docstring (exact formulas).
           scheduler: one of ``pmf_jax.schedulers.SCHEDULERS`` (built from ``self.scheduler_config``).
-          height, width: multiples of 8; default: the first source image's resolution bucket.
+          height, width: multiples of 8; default: :attr:`native_size` (for models trained at 512 or more: the
+            first source image's resolution bucket).
           seed: one int (image n starts from noise of ``fold_in(key(seed), n)``), or one per image (image n from
             ``fold_in(key(seed[n]), 0)``, the same image as a single call with that seed).
           reference_config: how the bank is read (default :attr:`reference_config`: ``ReferenceConfig()``, or an
@@ -182,7 +197,7 @@ class RetargetPipeline(SamplingPipeline):
           latents: optional x_T [N, H/f, W/f, C] instead of the seeded noise.
           output_type: "pil" (list of N PIL images), "np" (float32 [N, H, W, 3] in [0, 1]) or "latent" (the final
             latents [N, H/f, W/f, C]).
-          progress: a tqdm bar over the steps (the same compiled loop, run one step per call).
+          progress: a progress bar (pmf_jax.progress) over the steps (the same compiled loop, run one step per call).
         """
         self.check_common(num_inference_steps, num_images, output_type)
         if appearance_guidance_scale is not None and self.mode == "controlnet_only":
@@ -190,7 +205,7 @@ class RetargetPipeline(SamplingPipeline):
         sched = self.make_scheduler(scheduler)
         sources, poses = pairs(source_image, pose)
         first = load_image(sources[0], "source image")
-        size = resolve_size(first.shape, height, width)
+        size = resolve_size(first.shape, height, width, self.native_size)
         prepared = [self.prepare_inputs(first if i == 0 else s, p, *size, fit=fit, pose_kind=pose_kind,
                                         **(pose_options or {})) for i, (s, p) in enumerate(zip(sources, poses))]
         n = len(prepared) * num_images
@@ -201,14 +216,14 @@ class RetargetPipeline(SamplingPipeline):
         prompts = common.as_prompt_list(prompt, n, "prompt")
         negatives = common.as_prompt_list(negative_prompt, n, "negative_prompt")
         embedded = self.prompts(negatives + prompts)                  # [2N, T, D]
-        neg, pos = embedded[:n], embedded[n:]
+        by_row = {"u": embedded[:n], "c": embedded[n:], "a": embedded[n:]}  # negative prompt; prompt (± reference)
         seeds, seed_rows = common.as_seed_list(seed, n)
         batch = RetargetBatch(
             seeds=seeds, rows=seed_rows,
             source=np.repeat(np.stack([to_float(s) for s, _ in prepared]), num_images, 0),
             pose=np.repeat(np.stack([to_float(p) for _, p in prepared]), num_images, 0),
-            context=np.stack([neg, pos] + ([pos] if static.rows == 3 else []), axis=1),
-            ref_context=pos, latents=latents)
+            context=np.stack([by_row[row] for row in LAYOUTS[static.guidance]], axis=1),
+            ref_context=by_row["c"], latents=latents)
         scalars = retarget_scalars(guidance_scale, appearance_guidance_scale, controlnet_conditioning_scale)
         out = self.run_programs(static, batch, scalars, progress=progress, desc=f"retarget ({self.mode})")
         return self.format_output(out, output_type)
@@ -217,14 +232,17 @@ class RetargetPipeline(SamplingPipeline):
     def make_static(self, size, *, num_inference_steps: int = constants.DEFAULT_STEPS,
                     scheduler: Union[str, Scheduler] = constants.DEFAULT_SCHEDULER, appearance_guidance: bool = False,
                     reference_config: Optional[ReferenceConfig] = None, output_type: str = "pil") -> RetargetStatic:
-        """The static settings of a call at ``size`` (H, W): ``appearance_guidance`` adds the third guidance row;
-        ``reference_config`` None: :attr:`reference_config` (no reference at all in mode controlnet_only)."""
+        """The static settings of a call at ``size`` (H, W): ``appearance_guidance`` adds the appearance row, the
+        guidance layout drops the rows that differ by text alone when the model has no text encoder (module
+        docstring); ``reference_config`` None: :attr:`reference_config` (no reference at all in mode
+        controlnet_only)."""
         sched = self.make_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
         factor = common.vae_factor(self.vae)
         latent_shape = (size[0] // factor, size[1] // factor, self.unet.in_channels)
         reference = None if self.mode == "controlnet_only" else (reference_config or self.reference_config)
+        layout = guidance_layout(appearance_guidance, self.prompts.text_encoder is not None, reference)
         return RetargetStatic(scheduler=sched, steps=int(num_inference_steps), latent_shape=latent_shape,
-                              output_type=output_type, rows=3 if appearance_guidance else 2, reference=reference)
+                              output_type=output_type, guidance=layout, reference=reference)
 
     def abstract_inputs(self, static: RetargetStatic, num_images: int, latents: bool = False):
         """``(batch, scalars)`` of a call of ``num_images`` images as ShapeDtypeStructs (ahead-of-time compiles)."""
@@ -270,25 +288,33 @@ class RetargetPipeline(SamplingPipeline):
         g, n, cfg_ref = static.rows, x.shape[0], static.reference
         context = batch.context.reshape((n * g,) + batch.context.shape[2:])      # [N·G, T, D]
         xg, pose = rows_lib.repeat_rows(x, g), rows_lib.repeat_rows(batch.pose, g)
-        read = None
+        read, layout = None, static.guidance
         if cfg_ref is not None:
             bank = extras["bank"] if "bank" in extras else self.write_bank(static, params, batch,
                                                                            extras["ref_latents"], t)
-            if g == 2:   # u is blended by style_fidelity
+            if layout == "text":     # u is blended by style_fidelity
                 read = ReferenceRead.build(bank, cfg_ref, n * g, uncond_mask=rows_lib.row_pattern([1.0, 0.0], n))
-            else:        # u and a without reference
-                read = ReferenceRead.build(bank, cfg_ref, n * g, ref_mix=rows_lib.row_pattern([1.0, 0.0, 1.0], n))
+            elif layout == "none":   # c alone
+                read = ReferenceRead.build(bank, cfg_ref, n * g)
+            else:                    # u and a without reference
+                without = [1.0 if row != "c" else 0.0 for row in LAYOUTS[layout]]
+                read = ReferenceRead.build(bank, cfg_ref, n * g, ref_mix=rows_lib.row_pattern(without, n))
         cn_read = read if cfg_ref is not None and cfg_ref.controlnet_reads_reference else None
         down, mid = self.controlnet.apply({"params": params["controlnet"]}, xg, t, context, pose,
                                           conditioning_scale=scalars["control"], reference=cn_read)
         eps = self.unet.apply({"params": params["unet"]}, xg, t, context, down_block_additional_residuals=down,
                               mid_block_additional_residual=mid, reference=read).astype(jnp.float32)
-        if g == 2:
+        if layout == "text":
             u, c = rows_lib.split_rows(eps, 2)
             out = common.cfg(u, c, scalars["guidance"])
-        else:
+        elif layout == "text_appearance":
             u, c, a = rows_lib.split_rows(eps, 3)
             out = common.nested_guidance(u, a, c, scalars["guidance"], scalars["appearance"])
+        elif layout == "appearance":
+            a, c = rows_lib.split_rows(eps, 2)
+            out = common.cfg(a, c, scalars["appearance"])
+        else:
+            out = eps
         return out.astype(x.dtype)
 
 

@@ -17,12 +17,39 @@ from pmf_jax.pipelines.base import SamplingStatic
 from pmf_jax.reference import ReferenceConfig
 
 
+# The guidance layouts: each sample's rows in order (u: negative prompt, c: prompt + reference, a: prompt without
+# reference), with the guided prediction (pmf_jax.pipelines.retarget's docstring).
+#   text             [u, c]     u reads the reference as style_fidelity says    ε = u + g·(c − u)
+#   text_appearance  [u, c, a]  u and a read no reference                         ε = u + g·(a − u) + g_a·(c − a)
+# A model without a text encoder gives every row the same context, so rows that differ by the text alone are equal
+# and computing them changes nothing: its layouts drop them.
+#   appearance       [a, c]     text_appearance less u (= a)                      ε = a + g_a·(c − a)
+#   none             [c]        text less u, when u reads the reference as c does (style_fidelity 0, or no
+#                               reference at all)                                 ε = c
+LAYOUTS = {"text": ("u", "c"), "text_appearance": ("u", "c", "a"), "appearance": ("a", "c"), "none": ("c",)}
+
+
+def guidance_layout(appearance_guidance: bool, text_encoder: bool, reference: Optional[ReferenceConfig]) -> str:
+    """The layout (a key of :data:`LAYOUTS`) of a call: with or without appearance guidance, for a model with or
+    without a text encoder, reading ``reference`` (None: no bank)."""
+    if appearance_guidance:
+        return "text_appearance" if text_encoder else "appearance"
+    if not text_encoder and (reference is None or reference.style_fidelity == 0):
+        return "none"
+    return "text"
+
+
 @dataclasses.dataclass(frozen=True)
 class RetargetStatic(SamplingStatic):
     """:class:`~pmf_jax.pipelines.base.SamplingStatic` plus the guidance layout and the reference settings."""
 
-    rows: int                                # G guidance rows per sample: 2 ([u, c]) or 3 ([u, c, a])
+    guidance: str                            # the guidance layout, a key of LAYOUTS
     reference: Optional[ReferenceConfig]     # None: no reference bank (mode controlnet_only)
+
+    @property
+    def rows(self) -> int:
+        """G guidance rows per sample (1 to 3)."""
+        return len(LAYOUTS[self.guidance])
 
 
 @flax.struct.dataclass
@@ -71,4 +98,5 @@ def abstract_scalars() -> Dict[str, jax.ShapeDtypeStruct]:
     return {k: jax.ShapeDtypeStruct((), jnp.float32) for k in SCALARS}
 
 
-__all__ = ["RetargetBatch", "RetargetStatic", "SCALARS", "abstract_scalars", "retarget_scalars"]
+__all__ = ["LAYOUTS", "RetargetBatch", "RetargetStatic", "SCALARS", "abstract_scalars", "guidance_layout",
+           "retarget_scalars"]

@@ -22,10 +22,11 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from pmf_jax.constants import POSE_KINDS
 from pmf_jax.errors import PMFInputError
+from pmf_jax.image_reading import BLACK, WHITE, pil_to_rgb8, read_image_file
 from pmf_jax.pose import detect
 from pmf_jax.pose.align import align_skeleton
 from pmf_jax.pose.keypoints import COLORS, NUM_KEYPOINTS, check_keypoints, select_person
@@ -139,16 +140,22 @@ def fit_transform(src_size: tuple[int, int], out_size: tuple[int, int], mode: st
 
 
 def read_image(path: str | Path, name: str = "image") -> np.ndarray:
-    """An image file as uint8 RGB ``[H, W, 3]`` (EXIF rotation applied, alpha dropped); PMFInputError naming
-    ``name`` and the path when it is missing or not an image."""
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    except FileNotFoundError:
-        raise PMFInputError(f"{name} {str(path)!r} not found") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise PMFInputError(f"{name} {str(path)!r} is not a readable image ({err})") from None
+    """An image file as uint8 RGB ``[H, W, 3]``: :func:`pmf_jax.image_reading.read_image_file` (pixel limit checked
+    from the header, EXIF rotation applied, every mode, alpha composited onto white); PMFInputError naming ``name``
+    and the path when it is missing, too large or not an image."""
+    return read_image_file(path, name)
+
+
+def pose_pixels(image, name: str) -> np.ndarray:
+    """uint8 RGB ``[H, W, 3]`` of a pose image (a path or a PIL image): transparency composited onto black when that
+    makes an OpenPose skeleton (drawn on black), else onto white (a doodle's strokes, a photo)."""
+    def read(background):
+        if isinstance(image, Image.Image):
+            return pil_to_rgb8(image, name, background)
+        return read_image_file(image, name, background)
+
+    on_black = read(BLACK)
+    return on_black if detect.is_skeleton_image(on_black) else read(WHITE)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,10 +270,10 @@ def resolve_pose(
     if pose_kind == "skeleton" and source_keypoints is None:
         from pmf_jax.pipelines.images import load_image
 
-        image = load_image(pose, "pose image")
+        image = load_image(pose, "pose image", background=BLACK)
         return PoseCondition(fit_transform(image.shape[:2], size, fit).image(image), None, "skeleton")
     if isinstance(pose, Image.Image):
-        pose = np.asarray(pose.convert("RGB"))
+        pose = pose_pixels(pose, "pose image")
     name = "pose"
     if isinstance(pose, (str, Path)):
         name = f"pose {str(pose)!r}"
@@ -275,7 +282,7 @@ def resolve_pose(
             people = read_openpose_json(path)
             frame = pose_size or read_canvas_size(path) or size
             return _from_keypoints(people, frame, size, fit, source_keypoints, "json", name)
-        pose = read_image(path, "pose image")
+        pose = pose_pixels(path, "pose image")
     array = np.asarray(pose)
     if array.dtype != np.uint8:
         return _from_keypoints(check_keypoints(array, name), pose_size or size, size, fit, source_keypoints,

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from pmf_jax.errors import PMFInputError
+from pmf_jax.image_reading import check_pixel_count
 from pmf_jax.pose.keypoints import COLORS, LIMBS, check_keypoints
 
 # controlnet_aux draws at the detector resolution (512 for ControlNet); these are its widths.
@@ -45,7 +46,7 @@ def render_pose(
     Args:
       keypoints: float ``[18, 3]`` or ``[P, 18, 3]``: x, y in pixels of the ``height x width`` canvas, confidence
         (joints with confidence <= 0 are not drawn, nor are limbs touching them).
-      height, width: canvas size in pixels.
+      height, width: canvas size in pixels (at most the pixel limit, :func:`pmf_jax.image_reading.max_image_pixels`).
       stick_width: half-width of the limb ellipses in pixels.
       radius: joint disc radius in pixels.
       canvas: optional uint8 ``[height, width, 3]`` to draw on (copied, not modified).
@@ -58,6 +59,7 @@ def render_pose(
     if keypoints.ndim != 3:
         raise PMFInputError(f"keypoints: expected [18, 3] or [P, 18, 3], got {keypoints.shape}")
     if canvas is None:
+        check_pixel_count(height, width, "the skeleton image")
         canvas = np.zeros((height, width, 3), np.uint8)
     else:
         if canvas.shape != (height, width, 3) or canvas.dtype != np.uint8:

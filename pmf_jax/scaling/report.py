@@ -222,6 +222,8 @@ def render_markdown(plan: Dict[str, Any]) -> str:
         lines += _sweep_section(plan["sweep"], chip)
         if plan.get("plot"):
             lines += [f"![predicted images/s and weak-scaling efficiency vs devices]({plan['plot']})", ""]
+    elif plan.get("plot"):
+        lines += [f"![predicted compute, memory and communication time per program]({plan['plot']})", ""]
     if plan.get("measured"):
         m = plan["measured"]
         lines += ["## Measured", "", f"{m['iterations']} steps on {m['device_kind']}: {fmt_seconds(m['step_s'])} per "
@@ -260,16 +262,35 @@ def _sweep_section(sweep: List[Dict[str, Any]], chip: Dict[str, Any]) -> List[st
     return lines + [""]
 
 
+def roofline_programs(plan: Dict[str, Any]) -> List[Tuple[str, Dict[str, Any], Optional[float]]]:
+    """(label, prediction, measured seconds or None) of the plan's programs, for
+    :func:`pmf_jax.scaling.plot.plot_roofline`: the train step (measured after ``--measure``) and, when planned, one
+    sampling step."""
+    measured = (plan.get("measured") or {}).get("step_s")
+    programs = [("train step", plan["train_step"]["prediction"], measured)]
+    if plan.get("sampling"):
+        programs.append(("sampling step", plan["sampling"]["programs"]["sampling_step"]["prediction"], None))
+    return programs
+
+
+def write_plot(plan: Dict[str, Any], path: Path) -> Path:
+    """``scaling.png``: the weak-scaling sweep when the plan has one, else the roofline terms of its programs."""
+    from pmf_jax.scaling.plot import plot_roofline, plot_sweep
+
+    title = f"{plan['config']} on {plan['devices']} x {plan['chip']['name']} ({plan['batch_per_device']} images/device)"
+    if plan.get("sweep"):
+        return plot_sweep(plan["sweep"], path, title=title)
+    return plot_roofline(roofline_programs(plan), path, title=title)
+
+
 def write_outputs(plan: Dict[str, Any], out_dir: Path, *, plot: bool = True) -> Dict[str, Path]:
-    """Writes ``scaling.json``, ``scaling.md`` and (with a sweep) ``scaling.png`` into ``out_dir``."""
+    """Writes ``scaling.json``, ``scaling.md`` and (``plot``) ``scaling.png`` (:func:`write_plot`) into
+    ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "scaling.json", "markdown": out_dir / "scaling.md"}
     paths["json"].write_text(json.dumps(plan, indent=2, default=str) + "\n")
-    if plot and plan.get("sweep"):
-        from pmf_jax.scaling.plot import plot_sweep
-
-        paths["png"] = plot_sweep(plan["sweep"], out_dir / "scaling.png", title=f"{plan['config']} on "
-                                  f"{plan['chip']['name']} ({plan['batch_per_device']} images/device)")
+    if plot:
+        paths["png"] = write_plot(plan, out_dir / "scaling.png")
         plan = dict(plan, plot=paths["png"].name)
     paths["markdown"].write_text(render_markdown(plan))
     return paths

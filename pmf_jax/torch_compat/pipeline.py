@@ -31,6 +31,7 @@ from PIL import Image
 
 from pmf_jax.constants import MODES, SCHEDULER_NAMES, SD15_SCHEDULER_CONFIG
 from pmf_jax.errors import PMFInputError
+from pmf_jax.pipelines.images import load_image
 from pmf_jax.reference import ReferenceConfig
 from pmf_jax.schedulers import SCHEDULERS
 from pmf_jax.torch_compat.reference_attention import ReferenceState, install_reference_attention
@@ -188,15 +189,9 @@ class PMFTorchPipeline:
         return (images.float() / 2 + 0.5).clamp(0.0, 1.0)
 
     def _image(self, image, name: str, size) -> torch.Tensor:
-        """PIL / uint8 [H, W, 3] / float [H, W, 3] in [0, 1] -> [1, 3, h, w] float in [0, 1] at ``size`` (h, w)."""
-        if not isinstance(image, Image.Image):
-            array = np.asarray(image)
-            if array.dtype != np.uint8:
-                array = np.round(np.clip(array.astype(np.float32), 0, 1) * 255).astype(np.uint8)
-            if array.ndim != 3 or array.shape[-1] != 3:
-                raise PMFInputError(f"{name}: expected an RGB image [H, W, 3], got shape {array.shape}")
-            image = Image.fromarray(array)
-        image = image.convert("RGB")
+        """PIL (any mode) / uint8 [H, W, 3] / float [H, W, 3] in [0, 1] -> [1, 3, h, w] float in [0, 1] at ``size``
+        (h, w); read as :func:`pmf_jax.pipelines.images.load_image` reads it."""
+        image = Image.fromarray(load_image(image, name))
         if size is not None and image.size != (size[1], size[0]):
             image = image.resize((size[1], size[0]), Image.BICUBIC)
         array = np.asarray(image, np.float32) / 255.0
