@@ -13,12 +13,13 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	set -o pipefail; $(PY) -m pip install -q -e '.[test,pose,data,eval]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+	set -o pipefail; $(PY) -m pip install -q -e '.[test,pose,data,eval,video,serve]' 2>&1 | { grep -v "^WARNING: Location" || true; }
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
+	bash tests/install_browser.sh
 	bash tests/run_all.sh $(PYTEST_ARGS)
 
 demo: $(STAMP)

@@ -21,10 +21,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import counts
 import models
+
+if TYPE_CHECKING:  # reporting imports this module
+    from reporting import Report
 
 MIN_ITERS = 20
 _START = time.perf_counter()
@@ -229,7 +232,7 @@ def measure(runners: Sequence[Runner], iters: int) -> List[Timing]:
 Factory = Tuple[Any, str, Callable[[], Sequence[Runner]]]
 
 
-def run_all(report: "Report", env: "Env", ours: Sequence[Factory], peers: Sequence[Factory],
+def run_all(report: "Report", env: Env, ours: Sequence[Factory], peers: Sequence[Factory],
             release_peers: Callable[[], None] = lambda: None) -> None:
     """Builds and times every runner (see the module docstring for the order) and adds the rows to ``report``.
 

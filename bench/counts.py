@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:  # common imports this module
+    from common import Env
 
 
 def compiled_flops(compiled) -> Optional[float]:

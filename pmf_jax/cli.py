@@ -25,24 +25,38 @@ from pmf_jax.errors import PMFInputError
 # name -> module (imported when the parser is built; imports must stay light)
 COMMANDS = {
     "retarget": "pmf_jax.commands.retarget",
+    "animate": "pmf_jax.commands.animate",
     "enhance": "pmf_jax.commands.enhance",
     "pose": "pmf_jax.commands.pose",
     "eval": "pmf_jax.commands.eval",
     "scaling": "pmf_jax.commands.scaling",
     "convert": "pmf_jax.commands.convert",
+    "serve": "pmf_jax.commands.serve",
 }
 
 INPUT_ERROR_STATUS = 2
+
+
+VERBOSE_HELP = ("show the libraries' log lines (absl/orbax, TFDS, TensorFlow's C++ log), which are hidden by default "
+                "(also: PMF_VERBOSE=1)")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """Every subcommand's parser (and theirs, e.g. ``pmf eval generate``) also takes ``-v``, anywhere after it.
+
+    Its default is SUPPRESS so that a subcommand's parse leaves the top-level ``pmf -v`` alone."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pmf", description="PoseMaster Fusion: diffusion-based 2D human pose "
                                                              "retargeting in JAX.")
     parser.add_argument("--version", action="version", version=f"pmf_jax {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", default=None,
-                        help="show the libraries' log lines (absl/orbax, TFDS, TensorFlow's C++ log), which are "
-                             "hidden by default; goes before COMMAND (also: PMF_VERBOSE=1)")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("-v", "--verbose", action="store_true", default=None, help=VERBOSE_HELP)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=CommandParser)
     for module in COMMANDS.values():
         importlib.import_module(module).add_parser(subparsers)
     return parser

@@ -74,6 +74,8 @@ class ModelConfig(_Section):
     pixel_patch_size: int = _field(1, check=_POSITIVE, doc="autoencoder=identity: fold p x p pixels into channels")
     unet_config: Optional[str] = _field(None, doc="with base null: a UNet config.json to initialise randomly (tiny runs)")
     text_encoder: bool = _field(True, doc="encode the (empty) prompt with base's CLIP; false: one zeros token")
+    allow_pickle: bool = _field(False, doc="also read pickled torch weights (.bin/.ckpt) of the folders above, which "
+                                           "can run arbitrary code (python -m train --allow-pickle sets it)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +144,8 @@ class TrainConfig(_Section):
                                   doc="the UNet's target: noise, velocity, or the clean latent (sample)")
     min_snr_gamma: Optional[float] = _field(None, check=_OPT_NON_NEGATIVE, doc="Min-SNR loss weighting; null: off")
     noise_offset: float = _field(0.0, check=_NON_NEGATIVE)
+    zero_terminal_snr: bool = _field(False, doc="rescale the noise schedule so its last step is pure noise, sampled "
+                                               "with trailing timesteps (Lin et al. 2024); exports carry it")
     reference_drop_prob: float = _field(0.05, check=_PROB, doc="P(no reference), for appearance guidance")
     remat: bool = _field(False, doc="rematerialise transformer blocks in the backward pass")
     compilation_cache: bool = _field(True, doc="JAX persistent compilation cache ($PMF_JAX_CACHE_DIR or "

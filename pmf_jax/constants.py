@@ -25,6 +25,7 @@ POSE_KINDS = ("auto", "image", "skeleton", "keypoints")
 SCHEDULER_NAMES = ("ddpm", "ddim", "euler", "dpmpp_2m", "unipc")
 DEFAULT_SCHEDULER = "unipc"
 DEFAULT_STEPS = 20
+DEFAULT_BATCH_FRAMES = 8  # frames per program run of a pose sequence (pmf animate; SequencePipeline)
 DEFAULT_GUIDANCE_SCALE = 7.5
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -52,7 +52,7 @@ def run_config(root: Path, run_dir: Path, *extra: str):
     if not unet.is_file():
         unet.write_text(json.dumps(train_fixtures.TINY_UNET))
     return load_config(CONFIG, [f"model.unet_config={unet}", f"train.output_dir={run_dir}", "data.batch_size=4",
-                                "train.ema_decay=0.9", *extra])
+                                "train.ema_decay=0.9", "train.zero_terminal_snr=false", *extra])  # as recorded
 
 
 def write_run(root: Path, run_dir: Path, *extra: str, place=None, steps=STEPS) -> dict:

@@ -186,6 +186,7 @@ def test_non_finite_output_is_an_error_not_a_black_image(tiny_sd):
 # ------------------------------------------------------------------------------------------------ the CLI
 
 MODEL_COMMANDS = (["retarget", "--model", "m", "--source", "s", "--pose", "p", "--out", "o"],
+                  ["animate", "--model", "m", "--source", "s", "--poses", "p", "--out", "o.mp4"],
                   ["enhance", "--model", "m", "--image", "i", "--instruction", "x", "--out", "o.png"],
                   ["eval", "generate", "--out", "o"],
                   ["convert", "to-diffusers", "--checkpoint", "c", "--out", "o"],

@@ -21,6 +21,7 @@ from pmf_jax.commands import scaling as command  # its FAST_COMPILE_FLAGS
 from pmf_jax.evaluation import read_pairs
 from pmf_jax.metrics.availability import WEIGHTS_ENV
 from tiny_sd import tiny_sd  # noqa: F401  (fixture)
+from train_fixtures import ONE_BLOCK_UNET
 
 REPO = Path(__file__).resolve().parents[1]
 DUMMY = REPO / "data" / "deepfashion_pairs" / "dummy_data"
@@ -198,10 +199,7 @@ def test_scaling_writes_its_plot_without_a_sweep(tmp_path, env):
     """`pmf scaling` without --sweep (one device, no sampling programs) writes scaling.png, linked from the
     report, and leaves no stage behind."""
     unet = tmp_path / "unet.json"
-    unet.write_text(json.dumps({
-        "_class_name": "UNet2DConditionModel", "in_channels": 48, "out_channels": 48, "block_out_channels": [32],
-        "down_block_types": ["CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D"],
-        "layers_per_block": 1, "attention_head_dim": 4, "cross_attention_dim": 32, "norm_num_groups": 8}))
+    unet.write_text(json.dumps(ONE_BLOCK_UNET))
     out = tmp_path / "plan"
     # Kept cheap: the ControlNet alone trains (a smaller backward pass), 16x16 images.
     stdout, _ = _pmf(["scaling", "--config", REPO / "configs" / "tiny_synthetic.yaml", "--devices", "1", "--chip",

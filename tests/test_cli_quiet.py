@@ -104,9 +104,10 @@ def test_quiet_by_default_verbose_brings_it_back_and_exports_follow_the_umask(ti
               "    pass\n"
               "import tensorflow\n")
     noise = ("Given directory is read only", "has no dataset_info.json", "oneDNN custom operations are on")
+    # -v works after the subcommand too (as users type it: `pmf convert to-diffusers ... -v`)
     for umask, verbose in ((0o022, []), (0o002, ["-v"])):
         out = tmp_path / f"export_{umask:03o}"
-        stderr = _run(["-c", script, *verbose, "convert", "to-diffusers", "--checkpoint", tiny_run[0], "--out", out],
+        stderr = _run(["-c", script, "convert", "to-diffusers", "--checkpoint", tiny_run[0], "--out", out, *verbose],
                       umask=umask).stderr
         assert [line for line in noise if line in stderr] == (list(noise) if verbose else []), stderr
         modes = _modes(out)

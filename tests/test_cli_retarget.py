@@ -29,6 +29,7 @@ def cli(tmp_path_factory):
         assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         return proc
 
+    run.env = env  # for a run started by hand (tests/test_cli_animate.py kills one)
     return run
 
 

@@ -118,6 +118,8 @@ def test_pipeline_argument_errors(tiny_sd):
         RetargetPipeline.from_pretrained(tiny_sd.sd, controlnet=tiny_sd.reference_unet, mode="controlnet_only")
     with pytest.raises(PMFInputError, match="in_channels must be"):
         EnhancePipeline(unet)
+    with pytest.raises(PMFInputError, match="does not fit this UNet: cross_attention_dim 7 vs the UNet's"):
+        RetargetPipeline(unet, (cn[0].clone(cross_attention_dim=7), cn[1]), mode="controlnet_only")
     pipe = RetargetPipeline(unet, cn, mode="controlnet_only")  # no VAE, no text encoder
     args = (tiny_sd.source, tiny_sd.pose)
     with pytest.raises(PMFInputError, match="no text encoder"):
@@ -230,10 +232,10 @@ def test_pose_inputs(tiny_sd):
 
 def test_cli_literals_match_the_libraries():
     from pmf_jax import constants
-    from pmf_jax.commands import retarget
+    from pmf_jax.commands import model_options
     from pmf_jax.models.attention import BACKENDS
 
     assert constants.SCHEDULER_NAMES == tuple(SCHEDULERS)
-    assert retarget.MODES == MODES
+    assert model_options.MODES == MODES
     assert set(constants.ATTENTION_BACKENDS) == set(BACKENDS)
     assert options.DTYPES[1:] == constants.DTYPES

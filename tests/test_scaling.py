@@ -16,6 +16,7 @@ from pmf_jax.commands import scaling as command
 from pmf_jax.config import load_config
 from pmf_jax.scaling import abstract, collectives, report, roofline
 from pmf_jax.scaling.compile import CompiledProgram
+from train_fixtures import ONE_BLOCK_UNET
 
 REPO = Path(__file__).resolve().parents[1]
 SD15 = str(REPO / "configs" / "sd15_stage2.yaml")
@@ -256,10 +257,7 @@ def test_cli_restarts_itself_with_virtual_devices_and_writes_the_report(tmp_path
     import sys
 
     unet = tmp_path / "unet.json"
-    unet.write_text(json.dumps({
-        "_class_name": "UNet2DConditionModel", "in_channels": 48, "out_channels": 48, "block_out_channels": [32],
-        "down_block_types": ["CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D"],
-        "layers_per_block": 1, "attention_head_dim": 4, "cross_attention_dim": 32, "norm_num_groups": 8}))
+    unet.write_text(json.dumps(ONE_BLOCK_UNET))
     out = tmp_path / "plan"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", command.CHILD_ENV)}
     proc = subprocess.run(

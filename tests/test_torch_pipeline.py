@@ -1,6 +1,8 @@
 """PMFTorchPipeline (diffusers models, diffusers' DDIM) against the JAX RetargetPipeline on the same exported folder,
 the same inputs and the same initial noise: one denoising step, the final images, the reference switched off."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -163,3 +165,19 @@ def test_errors(tiny_export, inputs, tmp_path):
         pipe(inputs[0], inputs[1], num_inference_steps=1, latents=torch.zeros(1, 4, 8, 8))
     with pytest.raises(PMFInputError, match="multiples"):
         pipe(inputs[0], inputs[1], num_inference_steps=1, height=62, width=62)
+
+
+def test_export_sampling_defaults(tiny_export):
+    """Without arguments the PyTorch pipeline samples as `pmf retarget` does: the export's scheduler, steps and
+    guidance scale (pmf_config.json "sampling"); an explicit scheduler= still wins."""
+    import json
+
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    given = json.loads((Path(tiny_export) / "pmf_config.json").read_text())["sampling"]
+    pipe = PMFTorchPipeline.from_pretrained(tiny_export)
+    assert pipe.sampling == {"steps": given["steps"], "guidance_scale": given["guidance_scale"]}
+    assert given["scheduler"] == "ddim" and isinstance(pipe.scheduler, DDIMScheduler)
+    assert (given["steps"], given["guidance_scale"]) != (20, 7.5)  # the built-in defaults would not pass
+    assert isinstance(PMFTorchPipeline.from_pretrained(tiny_export, scheduler="euler").scheduler,
+                      EulerDiscreteScheduler)

@@ -179,6 +179,27 @@ def test_bad_input_is_one_line_exit_2(env, tmp_path, capsys, extra, message):
     assert code == 2 and err.startswith("error:") and message in err and "Traceback" not in err
 
 
+def test_pickled_model_folder_needs_allow_pickle(env, tmp_path):
+    """A pickled (.bin) ControlNet folder is refused naming the trainer's flag; with --allow-pickle it is read, and
+    this random ControlNet, which does not fit the tiny UNet, gets one line naming what differs (not a traceback)."""
+    folder = tmp_path / "pickled_controlnet"
+    subprocess.run([sys.executable, "-c", (
+        "import sys; from diffusers import ControlNetModel\n"
+        "ControlNetModel(block_out_channels=(8, 16), down_block_types=('DownBlock2D', 'DownBlock2D'), "
+        "layers_per_block=1, cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4, "
+        "conditioning_embedding_out_channels=(4, 8)).save_pretrained(sys.argv[1], safe_serialization=False)"),
+        str(folder)], check=True, timeout=300)
+    assert (folder / "diffusion_pytorch_model.bin").is_file()
+    for flag in ([], ["--allow-pickle"]):
+        run = subprocess.run(_cli(tmp_path / "run", env, f"model.controlnet={folder}", *flag), capture_output=True,
+                             text=True, timeout=300)
+        err = run.stderr.strip()
+        assert run.returncode == 2 and "Traceback" not in err, err[-3000:]
+        last = err.splitlines()[-1]
+        assert last.startswith("error:") and ("pass --allow-pickle" in last) == (not flag), last
+        assert ("pickle file" in last) == (not flag) and ("does not fit this UNet" in last) == bool(flag), last
+
+
 def test_dataset_not_built_subprocess(env, tmp_path):
     run = subprocess.run(_cli(tmp_path / "run", env, f"data.data_dir={tmp_path / 'empty'}"), capture_output=True,
                          text=True, timeout=300)

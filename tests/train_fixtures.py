@@ -10,6 +10,12 @@ TINY_UNET = {
     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
     "layers_per_block": 1, "attention_head_dim": 2, "cross_attention_dim": 16, "norm_num_groups": 8,
 }
+# One cross-attention block at 48 channels: the smallest UNet the scaling planner compiles (pmf scaling tests).
+ONE_BLOCK_UNET = {
+    "_class_name": "UNet2DConditionModel", "in_channels": 48, "out_channels": 48, "block_out_channels": [32],
+    "down_block_types": ["CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D"],
+    "layers_per_block": 1, "attention_head_dim": 4, "cross_attention_dim": 32, "norm_num_groups": 8,
+}
 
 
 def prepare(root: Path) -> dict:
@@ -27,4 +33,6 @@ def prepare(root: Path) -> dict:
 def overrides(env: dict, run_dir: Path, *extra: str) -> list:
     return [f"data.data_dir={env['data_dir']}", "data.builder_config=tiny", f"model.unet_config={env['unet']}",
             "data.batch_size=4", f"train.output_dir={run_dir}", "train.warmup_steps=0", "train.log_every=1",
-            "train.compilation_cache=false", *extra]  # in-process runs leave the test process's JAX config alone
+            "train.compilation_cache=false",  # in-process runs leave the test process's JAX config alone
+            "train.zero_terminal_snr=false",  # the recorded losses and images used SD's own schedule
+            "train.ema_decay=null", *extra]  # the tests compare trained params, not the demo's EMA copy

@@ -15,8 +15,11 @@ def main(argv=None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", default=None,
                         help="show the libraries' log lines (absl/orbax, TFDS, TensorFlow's C++ log), hidden by "
                              "default (also: PMF_VERBOSE=1)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="also read pickled torch weights (.bin, .ckpt) of the config's model folders, which can "
+                             "run arbitrary code: only for files you trust (sets model.allow_pickle=true)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 mesh.data=-1")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may follow the key=value overrides
     from pmf_jax import runtime
 
     runtime.set_verbosity(args.verbose)  # before the trainer's imports; its runtime.setup keeps this choice
@@ -24,10 +27,10 @@ def main(argv=None) -> int:
     from train.loop import TrainingDiverged, train_and_evaluate
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + (["model.allow_pickle=true"] if args.allow_pickle else []))
         metrics = train_and_evaluate(cfg, max_steps=args.max_steps)
     except PMFInputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err.cli_message or err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)

@@ -108,6 +108,12 @@ def _skeleton(angles: dict[str, float]) -> np.ndarray:
     return joints
 
 
+def forward_kinematics(angles: dict[str, float]) -> np.ndarray:
+    """The 18 joints ``[18, 2]`` of joint ``angles`` (the names of LIMITS, per side) in body units, pelvis at the
+    origin, image y down."""
+    return _skeleton(angles)
+
+
 def sample_angles(rng: np.random.Generator) -> dict[str, float]:
     """Joint angles drawn uniformly within LIMITS (each side independently)."""
     angles = {name: rng.uniform(*LIMITS[name]) for name in ("torso_lean", "head_tilt")}

@@ -37,6 +37,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--prompt", default="", help="text prompt for every pair (default: empty; recorded for CLIP score)")
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--limit", type=options.positive_int, help="only the first N pairs (smoke runs)")
+    g.add_argument("--sequence", action="store_true",
+                   help="pairs of one source and the frames of one video (TikTok) are animated as clips, in frame "
+                        "order (pmf animate's pipeline: one bank, one initial noise per clip); pmf eval score then "
+                        "adds their temporal consistency")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     options.add_allow_pickle_arg(g)
     g.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. sampling.steps=50")
@@ -87,7 +91,7 @@ def _generate(args) -> int:
     cfg = eval_config(model, args.config, args.overrides)
     summary = generate(cfg, args.out, split=args.split, prompt=args.prompt, negative_prompt=args.negative_prompt,
                        model=model, limit=args.limit, progress=not args.no_progress, allow_pickle=args.allow_pickle,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, sequence=args.sequence)
     print(f"{summary.out_dir}: {summary.generated} images generated, {summary.skipped} already there "
           f"({summary.total} pairs)")
     return 0

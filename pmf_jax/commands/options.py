@@ -53,6 +53,18 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, help="output width, a multiple of 8 (give both or neither)")
 
 
+def add_guidance_args(parser) -> None:
+    """The guidance flags of the retarget commands (``pmf retarget``, ``pmf animate``): ``--guidance-scale`` (None:
+    the export's, else the default), ``--appearance-guidance-scale`` (None: off), ``--controlnet-scale``."""
+    parser.add_argument("--guidance-scale", type=float,
+                        help=f"text guidance (default: the export's, from its pmf_config.json, else "
+                             f"{constants.DEFAULT_GUIDANCE_SCALE}; a model without a text encoder has no text to guide)")
+    parser.add_argument("--appearance-guidance-scale", type=float,
+                        help="separate appearance guidance (3 guidance rows); default: off, the unconditional row "
+                             "reads the reference by --style-fidelity")
+    parser.add_argument("--controlnet-scale", type=float, default=1.0, help="(default: %(default)s)")
+
+
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """Dtype, attention backend, the persistent compilation cache and the progress bar."""
     group = parser.add_argument_group("runtime")

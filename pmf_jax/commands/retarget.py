@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from pmf_jax.commands import options
+from pmf_jax.commands import model_options, options
 from pmf_jax.commands.pose import add_fit_argument, add_pose_input_arguments, pose_condition_from_args
-from pmf_jax.constants import DEFAULT_GUIDANCE_SCALE, FUSION_BLOCKS, MODES, POSE_KINDS, REFERENCE_TIMESTEPS
-from pmf_jax.errors import PMFInputError
+from pmf_jax.constants import POSE_KINDS
 from pmf_jax.out_folder import add_out_arguments, check_out_folder, staged_folder
 from pmf_jax.pipelines.defaults import native_size, resolve_sampling
 from pmf_jax.pipelines.images import check_resolution, describe_size, image_row, load_image, resolve_size
 from pmf_jax.pipelines.memory import memory_limit_setting
-
-REFERENCE_FLAGS = ("fusion_blocks", "attention_weight", "style_fidelity", "reference_timestep",
-                   "controlnet_reads_reference")  # ReferenceConfig fields set at sampling time (noise_reference: the export's)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -24,18 +20,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Generates the person of --source in the pose of --pose with a Stable Diffusion model, an "
                     "OpenPose ControlNet and (modes acm / reference_only) the reference bank. Writes "
                     "result_XX.png, pose.png, grid.png (source | pose | results) and settings.json into --out.")
-    models = p.add_argument_group("models")
-    models.add_argument("--model", required=True,
-                        help="Stable Diffusion folder or cached Hub repo id (unet/, vae/, text_encoder/, tokenizer/, "
-                             "scheduler/); a PMF export (pmf convert to-diffusers) also supplies the ControlNet, the "
-                             "reference UNet, the mode and the reference settings it was trained with")
-    models.add_argument("--controlnet", help="OpenPose ControlNet folder or cached repo id (default: the --model "
-                                             "folder's controlnet/)")
-    models.add_argument("--reference-unet", help="reference UNet folder (the trained ACM; mode acm; default: the "
-                                                 "--model folder's reference_unet/)")
-    models.add_argument("--mode", choices=MODES,
-                        help="acm: the reference UNet writes the bank; reference_only: the denoising UNet writes "
-                             "it; controlnet_only: no reference (default: the export's mode, else acm)")
+    model_options.add_model_arguments(p)
     inputs = p.add_argument_group("inputs")
     inputs.add_argument("--source", required=True, help="source image (the person to redraw)")
     inputs.add_argument("--pose", required=True,
@@ -51,22 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sampling = p.add_argument_group("sampling")
     options.add_sampling_args(sampling)
     sampling.add_argument("--num-images", type=options.positive_int, default=4, help="(default: %(default)s)")
-    sampling.add_argument("--guidance-scale", type=float,
-                          help=f"text guidance (default: the export's, from its pmf_config.json, else "
-                               f"{DEFAULT_GUIDANCE_SCALE}; a model without a text encoder has no text to guide)")
-    sampling.add_argument("--appearance-guidance-scale", type=float,
-                          help="separate appearance guidance (3 guidance rows); default: off, the unconditional row "
-                               "reads the reference by --style-fidelity")
-    sampling.add_argument("--controlnet-scale", type=float, default=1.0, help="(default: %(default)s)")
-    ref = p.add_argument_group("reference bank", "defaults: the settings a PMF export was trained with "
-                                                 "(pmf_config.json), else the values shown")
-    ref.add_argument("--fusion-blocks", choices=FUSION_BLOCKS, help="(full)")
-    ref.add_argument("--attention-weight", type=float, help="reference-only auto machine weight (1.0)")
-    ref.add_argument("--style-fidelity", type=float,
-                     help="how much the unconditional row ignores the reference, in [0, 1] (0)")
-    ref.add_argument("--reference-timestep", choices=REFERENCE_TIMESTEPS, help="(same)")
-    ref.add_argument("--controlnet-reads-reference", action=argparse.BooleanOptionalAction,
-                     help="the ControlNet reads the bank too (off)")
+    options.add_guidance_args(sampling)
+    model_options.add_reference_arguments(p)
     add_out_arguments(p, "output folder")
     options.add_runtime_args(p)
     return p
@@ -76,8 +47,7 @@ def run(args) -> int:
     # Check the inputs (and prepare the pose) before loading JAX and the models.
     check_resolution(args.height, args.width)
     memory_limit_setting()  # a bad $PMF_JAX_MEMORY_LIMIT_BYTES is an input error before anything loads
-    if args.mode not in (None, "acm") and args.reference_unet:
-        raise PMFInputError(f"--reference-unet is only used by --mode acm (got --mode {args.mode})")
+    model_options.check_model_arguments(args)
     out = check_out_folder(args.out, args.overwrite)
     source = load_image(args.source, "--source")
     from pmf_jax.io.hub import resolve_folder
@@ -91,12 +61,8 @@ def run(args) -> int:
 
     import dataclasses
 
-    from pmf_jax.pipelines import RetargetPipeline
-
-    pipe = RetargetPipeline.from_pretrained(args.model, controlnet=args.controlnet, reference_unet=args.reference_unet,
-                                            mode=args.mode, **options.runtime_kwargs(args))
-    given = {name: getattr(args, name) for name in REFERENCE_FLAGS if getattr(args, name) is not None}
-    reference = dataclasses.replace(pipe.reference_config, **given)
+    pipe = model_options.build_pipeline(args)
+    reference = model_options.reference_config(pipe, args)
     fitted, _ = pipe.prepare_inputs(source, pose, *size, fit=args.pose_fit)
     images = pipe(source, pose, prompt=args.prompt, negative_prompt=args.negative_prompt,
                   num_inference_steps=sampling["steps"], guidance_scale=sampling["guidance_scale"],

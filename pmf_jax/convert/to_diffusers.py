@@ -35,7 +35,6 @@ import numpy as np
 from flax import traverse_util
 
 from pmf_jax.config import load_config
-from pmf_jax.constants import SD15_NOISE_SCHEDULE
 from pmf_jax.convert.folders import copy_model_folder, model_folder, parse_dtype, write_pmf_config
 from pmf_jax.errors import PMFInputError
 from pmf_jax.io import from_pretrained, save_pretrained
@@ -258,9 +257,9 @@ def _write_scheduler(tmp: Path, cfg, base_folder: Optional[Path]) -> None:
 
     path = None if base_folder is None else base_folder / "scheduler" / "scheduler_config.json"
     if path is not None and path.is_file():
-        config = json.loads(path.read_text())
+        config = components_lib.noise_schedule_config(cfg, json.loads(path.read_text()))
     else:
-        noise = make_scheduler("ddpm", SD15_NOISE_SCHEDULE)
+        noise = make_scheduler("ddpm", components_lib.noise_schedule_config(cfg, None))
         config = components_lib.sampling_scheduler_config(types.SimpleNamespace(noise_scheduler=noise),
                                                           cfg.train.prediction_type)
         config = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.30.0", **config}

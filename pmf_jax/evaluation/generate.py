@@ -101,7 +101,8 @@ def _batches(pairs: List[Pair], size: int):
 
 def generate(cfg: config_lib.Config, out_dir, *, split: Optional[str] = None, prompt: str = "",
              negative_prompt: str = "", pipeline=None, model=None, limit: Optional[int] = None,
-             progress: bool = True, allow_pickle: bool = False, overwrite: bool = False) -> GenerationSummary:
+             progress: bool = True, allow_pickle: bool = False, overwrite: bool = False,
+             sequence: bool = False) -> GenerationSummary:
     """Generates the missing images of the split's pairs into ``out_dir``.
 
     Args:
@@ -114,6 +115,12 @@ def generate(cfg: config_lib.Config, out_dir, *, split: Optional[str] = None, pr
       limit: only the first ``limit`` pairs of the split (smoke runs).
       allow_pickle: as :func:`pmf_jax.io.from_pretrained`, for the models the config names.
       overwrite: start afresh, replacing a non-empty ``out_dir`` when the new images are complete.
+      sequence: per video (TikTok's ``video/frame`` names; :func:`pmf_jax.evaluation.temporal.sequences`) the
+        person of its first source frame is animated along the targets' poses in frame order by
+        :class:`~pmf_jax.pipelines.sequence.SequencePipeline` (one bank and one x_T per video: seed
+        ``sampling.seed`` + that pair's index); each frame is written under its pair's file name (the first pair of
+        a target shared by several), so ``pmf eval score`` scores the frames and adds the clips' temporal
+        consistency. Other pairs as without it.
     Raises:
       PMFInputError: before any model loads, for an ``out_dir`` that is a file, not writable, non-empty and not a
         generation (without ``overwrite``), or a generation with other settings.
@@ -127,6 +134,8 @@ def generate(cfg: config_lib.Config, out_dir, *, split: Optional[str] = None, pr
     split = split or data.eval_split
     reference = export_reference(model)
     settings = generation_settings(cfg, split, prompt, negative_prompt, model, reference)
+    if sequence:
+        settings["sequence"] = True
     in_place = not overwrite and out_dir.is_dir() and (out_dir / SETTINGS_FILE).is_file()
     if in_place:  # a complete generation: resumed where it is (every image is written whole)
         check_can_create(out_dir / SETTINGS_FILE)
@@ -160,7 +169,10 @@ def generate(cfg: config_lib.Config, out_dir, *, split: Optional[str] = None, pr
         source = image_source(data.name, data.builder_config, split, data.data_dir)
         bar = progress_bar(total=len(todo), desc=f"generate {settings['dataset']} {split}", unit="pair",
                            disable=not progress)
-        for batch in _batches(todo, data.eval_batch_size):
+        rest = todo
+        if sequence:
+            rest = animate_clips(pipe, cfg, source, unique, todo, folder, prompt, negative_prompt, reference, bar)
+        for batch in _batches(rest, data.eval_batch_size):
             examples = [prepare_pair(source[p.index], data.height_width, None) for p in batch]
             sources = np.stack([_to_uint8(e["source"], -1.0) for e in examples])   # [B, H, W, 3]
             poses = np.stack([_to_uint8(e["pose"], 0.0) for e in examples])
@@ -177,6 +189,42 @@ def generate(cfg: config_lib.Config, out_dir, *, split: Optional[str] = None, pr
         with staged_folder(out_dir, overwrite, partial="resume") as stage:
             write(stage)
     return GenerationSummary(out_dir, len(unique), len(todo), len(unique) - len(todo))
+
+
+def animate_clips(pipe, cfg: config_lib.Config, source, pairs: List[Pair], todo: List[Pair], folder: Path,
+                  prompt: str, negative_prompt: str, reference, bar) -> List[Pair]:
+    """Writes the frames in ``todo`` of every clip of ``pairs`` (``generate(sequence=True)``); returns the pairs of
+    ``todo`` that belong to no clip. A clip's frames do not depend on which of them are generated together (the
+    sequence pipeline's frames are those of one-image calls, all from the clip's seed), so a resumed run only makes
+    the missing ones."""
+    from pmf_jax.evaluation.temporal import first_source, sequences
+    from pmf_jax.input_pipeline import prepare_pair
+    from pmf_jax.pipelines.from_run import sampling_kwargs
+    from pmf_jax.pipelines.sequence import SequencePipeline, to_uint8
+    from PIL import Image
+
+    wanted = {p.filename for p in todo}
+    clips = sequences(pairs)
+    in_clips = {p.filename for clip in clips for p in clip}
+    kwargs = sampling_kwargs(cfg, pipe.mode)
+    if reference is not None:
+        kwargs["reference_config"] = reference
+    seq, (h, w) = SequencePipeline(pipe), cfg.data.height_width
+    for whole in clips:
+        first = first_source(whole)
+        seed = (cfg.sampling.seed + first.index) % 2**32
+        clip = [p for p in whole if p.filename in wanted]
+        if not clip:
+            continue
+        person = _to_uint8(prepare_pair(source[first.index], cfg.data.height_width, None)["source"], -1.0)
+        poses = [_to_uint8(prepare_pair(source[p.index], cfg.data.height_width, None)["pose"], 0.0) for p in clip]
+        for start, frames in seq.chunks(person, poses, prompt=prompt,
+                                        negative_prompt=negative_prompt, height=h, width=w, seed=seed,
+                                        pose_kind="skeleton", batch_frames=cfg.data.eval_batch_size, **kwargs):
+            for pair, frame in zip(clip[start:], to_uint8(frames)):
+                _save_atomic(Image.fromarray(frame), folder / pair.filename)
+            bar.update(len(frames))
+    return [p for p in todo if p.filename not in in_clips]   # (a target shared by several pairs: its first)
 
 
 def _to_uint8(x: np.ndarray, low: float) -> np.ndarray:

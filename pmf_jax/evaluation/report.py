@@ -77,6 +77,11 @@ def markdown(results: Dict, label: str = "PMF (this run)") -> str:
                       "are not comparable with the published ones.", ""]
     if notes:
         lines += ["Not computed:", ""] + [f"{i}. {note}" for i, note in enumerate(notes, start=1)] + [""]
+    temporal = results.get("temporal_consistency") or {}
+    if temporal.get("available"):
+        lines += [f"Temporal consistency (clips: {temporal['n']} consecutive frame pairs): mean |frame t+1 − frame t| "
+                  f"{temporal['value']:.2f} (uint8 scale), ground truth {temporal['ground_truth']:.2f}, ratio "
+                  f"{format_value(temporal['ratio'], '{:.2f}')} (above 1: flickers more than the ground truth).", ""]
     fid = metrics.get("fid", {})
     if fid.get("available"):
         lines += [f"FID: {fid['n']} generated images vs {fid['reference']} ({fid['features']}).", ""]

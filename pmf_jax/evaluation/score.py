@@ -268,6 +268,11 @@ def score(generated_dir, dataset: str, config: Optional[str] = None, data_dir=No
         results["lpips"]["weights"] = opened["lpips"].weights
 
     check_any_available(results)  # FID may still have found too few images
+    from pmf_jax.evaluation.temporal import sequences, temporal_consistency
+
+    temporal = temporal_consistency(sequences(pairs), lambda p: _load_generated(generated_dir / p.filename, size,
+                                                                                resize),
+                                    lambda p: source[p.index]["target_image"])
     files = [p.filename for p in pairs]
     return {
         "dataset": f"{dataset}/{config}" if config else dataset,
@@ -283,6 +288,7 @@ def score(generated_dir, dataset: str, config: Optional[str] = None, data_dir=No
                      "fid": f"Fréchet distance of feature statistics, generated vs {fid_reference} images "
                             "(network: metrics.fid.features)"},
         "generation": settings,
+        "temporal_consistency": temporal,
         "per_pair": [dict(file=f, **{m: _finite(per_pair[m][i]) for m in per_pair}) for i, f in enumerate(files)],
     }
 

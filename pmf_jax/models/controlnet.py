@@ -133,3 +133,27 @@ def controlnet_from_unet(unet: UNet2DConditionModel, unet_params, rng, *, condit
             params[name] = jax.tree_util.tree_map(jnp.array, unet_params[name])
     return module, params
 
+
+
+# What a ControlNet's residuals must share with the UNet they are added to.
+FITS_UNET = ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim")
+
+
+def check_controlnet_fits(unet, controlnet, *, autoencoder_factor: Optional[int] = None, where: str = "ControlNet"):
+    """A one-line :class:`PMFInputError` (naming ``where``, e.g. the folder) when ``controlnet``'s residuals cannot be
+    added to ``unet`` (channels, blocks, layers, text dims differ) or when its conditioning embedding does not bring
+    the pose image down to the latent size (``autoencoder_factor``: pixels per latent; None: not checked)."""
+    differ = [f"{key} {getattr(controlnet, key)!r} vs the UNet's {getattr(unet, key)!r}" for key in FITS_UNET
+              if _as_tuple(getattr(controlnet, key)) != _as_tuple(getattr(unet, key))]
+    if len(controlnet.down_block_types) != len(unet.down_block_types):
+        differ.append(f"{len(controlnet.down_block_types)} down blocks vs the UNet's {len(unet.down_block_types)}")
+    downscale = 2 ** (len(controlnet.conditioning_embedding_out_channels) - 1)
+    if autoencoder_factor is not None and downscale != autoencoder_factor:
+        differ.append(f"its conditioning embedding downscales the pose image {downscale}x but the autoencoder's "
+                      f"latents are {autoencoder_factor}x smaller")
+    if differ:
+        raise PMFInputError(f"{where} does not fit this UNet: {'; '.join(differ)}")
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value

@@ -24,6 +24,7 @@ out-of-memory crash halfway.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Dict, Hashable, NamedTuple, Optional, Tuple
 
@@ -186,7 +187,9 @@ class SamplingPipeline:
                      desc: str = "sampling") -> np.ndarray:
         """Pads ``batch`` (host arrays [N, ...]) to the device count, places it, runs the programs of ``static``;
         returns the N outputs (host array; PMFInputError if one holds NaN or Inf). ``scalars``: the traced scalars
-        (guidance scales)."""
+        (guidance scales). ``progress``: True: a progress bar; a callable ``(steps done, steps)``: called after each
+        step instead (e.g. a server reporting to its page); either way the same loop program runs one step per
+        call."""
         from pmf_jax.parallel import num_batch_shards
 
         mesh = common.batch_mesh()
@@ -201,11 +204,16 @@ class SamplingPipeline:
             if progress:
                 from pmf_jax.progress import bar as progress_bar
 
-                with progress_bar(total=steps, desc=desc, unit="step", leave=False) as bar:
+                on_step = progress if callable(progress) else None
+                with contextlib.nullcontext() if on_step else progress_bar(total=steps, desc=desc, unit="step",
+                                                                           leave=False) as bar:
                     for i in range(steps):
                         carry = jax.block_until_ready(loop(params, batch, scalars, extras, carry, np.int32(i),
                                                            np.int32(i + 1)))
-                        bar.update(1)
+                        if on_step:
+                            on_step(i + 1, steps)
+                        else:
+                            bar.update(1)
             else:
                 carry = loop(params, batch, scalars, extras, carry, np.int32(0), np.int32(steps))
             out = np.asarray(jax.device_get(epilogue(params, carry)))

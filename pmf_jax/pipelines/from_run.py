@@ -98,7 +98,7 @@ def _from_folders(cfg, mode: str, allow_pickle: bool = False) -> RetargetPipelin
     reference_unet = (model.reference_unet or model.base) if mode == "acm" else None
     return RetargetPipeline.from_pretrained(model.base, controlnet=model.controlnet, reference_unet=reference_unet,
                                             mode=mode, dtype=model.dtype, attention_backend=model.attention_backend,
-                                            revision=model.revision, allow_pickle=allow_pickle)
+                                            revision=model.revision, allow_pickle=allow_pickle or model.allow_pickle)
 
 
 def sampling_kwargs(cfg, mode: Optional[str] = None) -> Dict[str, Any]:

@@ -34,6 +34,7 @@ import numpy as np
 
 from pmf_jax import constants, rows as rows_lib
 from pmf_jax.errors import PMFInputError
+from pmf_jax.models.controlnet import check_controlnet_fits
 from pmf_jax.pipelines import common
 from pmf_jax.pipelines.base import SamplingPipeline
 from pmf_jax.pipelines.defaults import size_of
@@ -89,6 +90,7 @@ class RetargetPipeline(SamplingPipeline):
             raise PMFInputError(f"mode {mode!r} takes no reference UNet (only mode 'acm' uses one)")
         if controlnet is None:
             raise PMFInputError("a pose ControlNet is required")
+        vae_given = vae is not None
         if vae is None:
             from pmf_jax.models.identity_vae import IdentityAutoencoder
 
@@ -97,6 +99,8 @@ class RetargetPipeline(SamplingPipeline):
         self.reference_config = reference_config or ReferenceConfig()
         (self.unet, p_unet), (self.controlnet, p_cn), (self.vae, p_vae) = unet, controlnet, vae
         self.reference_unet = reference_unet[0] if reference_unet is not None else None
+        check_controlnet_fits(self.unet, self.controlnet, where="the ControlNet",
+                              autoencoder_factor=common.vae_factor(self.vae) if vae_given else None)
         self.params = {"unet": p_unet, "controlnet": p_cn, "vae": p_vae}
         #: (H, W) of a call without height/width (:func:`pmf_jax.pipelines.images.resolve_size`), None: unknown.
         self.native_size = native_size or size_of(self.unet.sample_size, common.vae_factor(self.vae))
@@ -197,7 +201,8 @@ class RetargetPipeline(SamplingPipeline):
           latents: optional x_T [N, H/f, W/f, C] instead of the seeded noise.
           output_type: "pil" (list of N PIL images), "np" (float32 [N, H, W, 3] in [0, 1]) or "latent" (the final
             latents [N, H/f, W/f, C]).
-          progress: a progress bar (pmf_jax.progress) over the steps (the same compiled loop, run one step per call).
+          progress: a progress bar (pmf_jax.progress) over the steps (the same compiled loop, run one step per call),
+            or a callable ``(steps done, steps)`` called after each step instead.
         """
         self.check_common(num_inference_steps, num_images, output_type)
         if appearance_guidance_scale is not None and self.mode == "controlnet_only":

@@ -50,14 +50,7 @@ def read_openpose_json(path: str | Path, normalized: bool = False) -> np.ndarray
         raise PMFInputError(f"{path}: OpenPose JSON file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PMFInputError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("people"), list):
-        raise PMFInputError(f"{path}: expected an OpenPose JSON object with a 'people' list")
-    people = []
-    for i, person in enumerate(data["people"]):
-        if not isinstance(person, dict) or "pose_keypoints_2d" not in person:
-            raise PMFInputError(f"{path}: people[{i}] has no 'pose_keypoints_2d'")
-        people.append(_person_keypoints(person["pose_keypoints_2d"], path, i))
-    keypoints = np.stack(people) if people else np.zeros((0, NUM_KEYPOINTS, 3), np.float32)
+    keypoints = openpose_people(data, path)
     if normalized:
         try:
             width, height = float(data["canvas_width"]), float(data["canvas_height"])
@@ -67,6 +60,19 @@ def read_openpose_json(path: str | Path, normalized: bool = False) -> np.ndarray
         keypoints[..., 0] *= width
         keypoints[..., 1] *= height
     return clear_missing(keypoints)
+
+
+def openpose_people(data, where) -> np.ndarray:
+    """The body keypoints ``[P, 18, 3]`` (``P`` may be 0; pixels as stored) of one OpenPose JSON object ``data``
+    (already parsed: a file's, or one frame of a sequence file); ``where`` names it in errors."""
+    if not isinstance(data, dict) or not isinstance(data.get("people"), list):
+        raise PMFInputError(f"{where}: expected an OpenPose JSON object with a 'people' list")
+    people = []
+    for i, person in enumerate(data["people"]):
+        if not isinstance(person, dict) or "pose_keypoints_2d" not in person:
+            raise PMFInputError(f"{where}: people[{i}] has no 'pose_keypoints_2d'")
+        people.append(_person_keypoints(person["pose_keypoints_2d"], where, i))
+    return np.stack(people) if people else np.zeros((0, NUM_KEYPOINTS, 3), np.float32)
 
 
 def read_canvas_size(path: str | Path) -> tuple[int, int] | None:
@@ -80,14 +86,11 @@ def read_canvas_size(path: str | Path) -> tuple[int, int] | None:
     return (height, width) if height > 0 and width > 0 else None
 
 
-def write_openpose_json(
-    path: str | Path, keypoints: np.ndarray, height: int | None = None, width: int | None = None
-) -> Path:
-    """Writes keypoints ``[18, 3]`` (one person) or ``[P, 18, 3]`` as an OpenPose JSON file (pixel coordinates).
-
-    ``height``/``width`` of the image, when given, are stored as ``canvas_height``/``canvas_width``.
-    """
-    keypoints = clear_missing(check_keypoints(keypoints, str(path)))
+def openpose_data(keypoints: np.ndarray, height: int | None = None, width: int | None = None,
+                  name: str = "keypoints") -> dict:
+    """The OpenPose JSON object of keypoints ``[18, 3]`` (one person) or ``[P, 18, 3]`` (pixel coordinates, rounded to
+    3 decimals); ``height``/``width`` of the image, when given, as ``canvas_height``/``canvas_width``."""
+    keypoints = clear_missing(check_keypoints(keypoints, name))
     if keypoints.ndim == 2:
         keypoints = keypoints[None]
     data = {
@@ -97,6 +100,13 @@ def write_openpose_json(
     }  # fmt: skip
     if height is not None and width is not None:
         data["canvas_height"], data["canvas_width"] = int(height), int(width)
+    return data
+
+
+def write_openpose_json(
+    path: str | Path, keypoints: np.ndarray, height: int | None = None, width: int | None = None
+) -> Path:
+    """Writes keypoints ``[18, 3]`` (one person) or ``[P, 18, 3]`` as an OpenPose JSON file (:func:`openpose_data`)."""
     path = Path(path)
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps(openpose_data(keypoints, height, width, str(path))))
     return path

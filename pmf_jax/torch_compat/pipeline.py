@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pmf_jax.constants import MODES, SCHEDULER_NAMES, SD15_SCHEDULER_CONFIG
+from pmf_jax.constants import DEFAULT_GUIDANCE_SCALE, DEFAULT_STEPS, MODES, SCHEDULER_NAMES, SD15_SCHEDULER_CONFIG
 from pmf_jax.errors import PMFInputError
+from pmf_jax.pipelines.defaults import sampling_defaults
 from pmf_jax.pipelines.images import load_image
 from pmf_jax.reference import ReferenceConfig
 from pmf_jax.schedulers import SCHEDULERS
@@ -91,6 +92,8 @@ class PMFTorchPipeline:
         self.reference_unet = reference_unet.eval() if reference_unet is not None else None
         self.mode = mode
         self.reference_config = reference_config or ReferenceConfig()
+        # what a call uses when it gives no steps / guidance scale; from_pretrained takes an export's
+        self.sampling = {"steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE_SCALE}
         self.state = ReferenceState()
         for model in (unet, controlnet, reference_unet):
             if model is not None:
@@ -98,11 +101,12 @@ class PMFTorchPipeline:
 
     @classmethod
     def from_pretrained(cls, folder, *, controlnet=None, reference_unet=None, mode: Optional[str] = None,
-                        scheduler: str = "ddim", torch_dtype=torch.float32, device="cpu"):
+                        scheduler: Optional[str] = None, torch_dtype=torch.float32, device="cpu"):
         """Opens an exported folder (``pmf convert to-diffusers``): unet/, controlnet/, reference_unet/, vae/ (or
         none: the patch autoencoder of the UNet's 3·p² channels), text_encoder/ + tokenizer/ (or none: prompt-free),
         scheduler/ and pmf_config.json (mode and reference settings). ``controlnet``/``reference_unet`` replace the
-        folder's; ``mode`` replaces pmf_config's."""
+        folder's; ``mode`` replaces pmf_config's. The scheduler, and a call's default steps and guidance scale, are
+        the export's sampling settings (pmf_config.json "sampling", as ``pmf retarget`` uses them) unless given."""
         from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
         from pmf_jax.convert.folders import read_pmf_config, reference_config_of
@@ -137,8 +141,10 @@ class PMFTorchPipeline:
             tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         path = folder / "scheduler" / "scheduler_config.json"
         config = json.loads(path.read_text()) if path.is_file() else dict(SD15_SCHEDULER_CONFIG)
-        pipe = cls(unet, cn, make_scheduler(scheduler, config), vae, text_encoder, tokenizer, ref, mode,
-                   reference_config_of(pmf))
+        sampling = sampling_defaults(folder)
+        pipe = cls(unet, cn, make_scheduler(scheduler or sampling["scheduler"], config), vae, text_encoder, tokenizer,
+                   ref, mode, reference_config_of(pmf))
+        pipe.sampling = {"steps": sampling["steps"], "guidance_scale": sampling["guidance_scale"]}
         return pipe.to(device, torch_dtype)  # loaded in fp32 first: the dtype keyword differs across versions
 
     def to(self, device=None, dtype=None):
@@ -210,7 +216,7 @@ class PMFTorchPipeline:
     # ------------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
     def __call__(self, source_image, pose_image, prompt: str = "", negative_prompt: str = "",
-                 num_inference_steps: int = 20, guidance_scale: float = 7.5,
+                 num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                  appearance_guidance_scale: Optional[float] = None, controlnet_conditioning_scale: float = 1.0,
                  num_images: int = 1, height: Optional[int] = None, width: Optional[int] = None,
                  reference_config: Optional[ReferenceConfig] = None, generator: Optional[torch.Generator] = None,
@@ -219,9 +225,12 @@ class PMFTorchPipeline:
 
         Args:
           latents: the initial noise x_T [num_images, C, h, w] (NCHW; unscaled), default drawn from ``generator``.
+          num_inference_steps, guidance_scale: default: ``self.sampling`` (the export's settings).
           reference_config: default: the export's settings (pmf_config.json).
           output_type: "pil" (list), "np" (float [N, H, W, 3] in [0, 1]) or "latent" (tensor [N, C, h, w]).
         """
+        num_inference_steps = self.sampling["steps"] if num_inference_steps is None else num_inference_steps
+        guidance_scale = self.sampling["guidance_scale"] if guidance_scale is None else guidance_scale
         if output_type not in ("pil", "np", "latent"):
             raise PMFInputError(f"output_type={output_type!r} must be pil, np or latent")
         if appearance_guidance_scale is not None and self.mode == "controlnet_only":

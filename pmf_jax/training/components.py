@@ -21,7 +21,7 @@ from pmf_jax.constants import SD15_NOISE_SCHEDULE
 from pmf_jax.errors import PMFInputError
 from pmf_jax.io import from_pretrained
 from pmf_jax.io.hub import resolve_folder
-from pmf_jax.models.controlnet import ControlNetModel, controlnet_from_unet
+from pmf_jax.models.controlnet import ControlNetModel, check_controlnet_fits, controlnet_from_unet
 from pmf_jax.models.unet import UNet2DConditionModel
 from pmf_jax.schedulers import make_scheduler
 
@@ -112,7 +112,8 @@ def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Compo
     rng_unet, rng_cn = jax.random.split(rng)
     kw = dict(dtype=dtype, attention_backend=m.attention_backend, gradient_checkpointing=cfg.train.remat)
     if m.base:
-        unet, params["unet"] = source.model(m.base, "unet", revision=m.revision, param_dtype=jnp.float32, **kw)
+        unet, params["unet"] = source.model(m.base, "unet", revision=m.revision, param_dtype=jnp.float32, **kw,
+                                             allow_pickle=m.allow_pickle)
     elif m.unet_config:
         unet = UNet2DConditionModel.from_config(_read_json(m.unet_config), **kw)
         params["unet"] = jax.jit(unet.init_params)(rng_unet)
@@ -121,7 +122,7 @@ def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Compo
                             "randomly initialised model) must be set")
     if m.reference_unet:
         ref_unet, params["reference_unet"] = source.model(*_part_of(m.reference_unet, "reference_unet"),
-                                                          param_dtype=jnp.float32, **kw)
+                                                          param_dtype=jnp.float32, allow_pickle=m.allow_pickle, **kw)
     else:  # the ACM starts as a copy of the base UNet (MagicPose)
         ref_unet, params["reference_unet"] = unet, jax.tree_util.tree_map(jnp.array, params["unet"])
     autoencoder, ae_params, context = _autoencoder_and_context(cfg, unet, dtype, source)
@@ -129,12 +130,16 @@ def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Compo
     if cfg.train.stage == 2 or "controlnet" in trainable:
         if m.controlnet:
             controlnet, params["controlnet"] = source.model(*_part_of(m.controlnet, "controlnet"),
-                                                            param_dtype=jnp.float32, **kw)
+                                                            param_dtype=jnp.float32, allow_pickle=m.allow_pickle,
+                                                            **kw)
+            check_controlnet_fits(unet, controlnet, autoencoder_factor=autoencoder.downscale_factor,
+                                  where=f"model.controlnet {m.controlnet}")
         else:  # the pose image enters at pixel resolution: one stride-2 stage per factor 2 of the autoencoder
             stages = int(np.log2(autoencoder.downscale_factor)) + 1
             controlnet, params["controlnet"] = controlnet_from_unet(
                 unet, params["unet"], rng_cn, conditioning_embedding_out_channels=(16, 32, 96, 256)[:stages])
-    noise_scheduler = _noise_scheduler(m, source)
+    base_schedule = source.scheduler_config(m) if m.base else None
+    noise_scheduler = make_scheduler("ddpm", noise_schedule_config(cfg, base_schedule))
     components = Components(unet, ref_unet, controlnet, autoencoder, noise_scheduler, trainable,
                             tuple(context.shape[1:]))
     # What trains is stored in model.param_dtype, what is frozen in model.frozen_param_dtype.
@@ -164,7 +169,8 @@ def _autoencoder_and_context(cfg, unet, dtype, source):
     else:
         if not m.base:
             raise PMFInputError("config model.autoencoder=vae needs model.base (an SD folder with vae/)")
-        autoencoder, ae_params = source.model(m.base, "vae", revision=m.revision, dtype=dtype)
+        autoencoder, ae_params = source.model(m.base, "vae", revision=m.revision, dtype=dtype,
+                                              allow_pickle=m.allow_pickle)
     ctx_dim = unet.cross_attention_dim if isinstance(unet.cross_attention_dim, int) else unet.cross_attention_dim[0]
     if m.base and m.text_encoder:
         context = source.empty_prompt_context(m, dtype)
@@ -178,21 +184,31 @@ def _empty_prompt_context(m, dtype):
     the empty prompt (what text dropout would give) and the text encoder runs once, up front."""
     from pmf_jax.models.clip_text import load_tokenizer
 
-    encoder, enc_params = from_pretrained(m.base, "text_encoder", revision=m.revision, dtype=dtype)
+    encoder, enc_params = from_pretrained(m.base, "text_encoder", revision=m.revision, dtype=dtype,
+                                          allow_pickle=m.allow_pickle)
     tokenizer = load_tokenizer(m.base, subfolder="tokenizer")
     ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="np").input_ids
     return jax.jit(encoder.apply)({"params": enc_params}, np.asarray(ids, np.int32))
 
 
-def _noise_scheduler(m, source):
-    config = source.scheduler_config(m) if m.base else None
-    return make_scheduler("ddpm", config if config is not None else DEFAULT_NOISE_SCHEDULE)
+# train.zero_terminal_snr: ᾱ_{T-1} = 0, so the last training step shows the model no trace of the image, as pure
+# noise at sampling does; trailing timesteps start sampling at that step.
+ZERO_TERMINAL_SNR = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+def noise_schedule_config(cfg, base_config: Optional[dict]) -> dict:
+    """The run's noise schedule as a scheduler config: the base's (``base_config``: its scheduler_config.json, None
+    without a base) else SD1.5's, rescaled to zero terminal SNR when ``train.zero_terminal_snr``. Training, previews
+    and exports all read it."""
+    config = dict(base_config if base_config is not None else DEFAULT_NOISE_SCHEDULE)
+    return dict(config, **ZERO_TERMINAL_SNR) if cfg.train.zero_terminal_snr else config
 
 
 def sampling_scheduler_config(components: Components, prediction_type: str) -> dict:
     """A diffusers-style scheduler config with the run's noise schedule and its model's prediction type
     (what a sampling pipeline for the trained model needs)."""
-    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "steps_offset", "timestep_spacing")
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "steps_offset", "timestep_spacing",
+            "rescale_betas_zero_snr")
     config = {k: getattr(components.noise_scheduler, k) for k in keys if hasattr(components.noise_scheduler, k)}
     return dict(config, prediction_type=prediction_type)

@@ -1,0 +1,70 @@
+"""The model flags of the commands that sample a retarget model (``pmf retarget``, ``pmf serve``): which folders and
+mode (:func:`add_model_arguments`), the reference-bank settings (:func:`add_reference_arguments`), and the pipeline
+they build (:func:`build_pipeline`, :func:`reference_config`). No heavy imports at module level."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from pmf_jax.constants import FUSION_BLOCKS, MODES, REFERENCE_TIMESTEPS
+from pmf_jax.errors import PMFInputError
+
+# ReferenceConfig fields set at sampling time (noise_reference: the export's)
+REFERENCE_FLAGS = ("fusion_blocks", "attention_weight", "style_fidelity", "reference_timestep",
+                   "controlnet_reads_reference")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_model=None) -> None:
+    """``--model`` (required unless ``default_model``), ``--controlnet``, ``--reference-unet``, ``--mode``."""
+    models = parser.add_argument_group("models")
+    where = f" (default: {default_model})" if default_model else ""
+    models.add_argument("--model", required=default_model is None, default=default_model,
+                        help="Stable Diffusion folder or cached Hub repo id (unet/, vae/, text_encoder/, tokenizer/, "
+                             "scheduler/); a PMF export (pmf convert to-diffusers) also supplies the ControlNet, the "
+                             "reference UNet, the mode and the reference settings it was trained with" + where)
+    models.add_argument("--controlnet", help="OpenPose ControlNet folder or cached repo id (default: the --model "
+                                             "folder's controlnet/)")
+    models.add_argument("--reference-unet", help="reference UNet folder (the trained ACM; mode acm; default: the "
+                                                 "--model folder's reference_unet/)")
+    models.add_argument("--mode", choices=MODES,
+                        help="acm: the reference UNet writes the bank; reference_only: the denoising UNet writes "
+                             "it; controlnet_only: no reference (default: the export's mode, else acm)")
+
+
+def add_reference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The reference-bank flags (:data:`REFERENCE_FLAGS`); None when not given: the model's settings."""
+    ref = parser.add_argument_group("reference bank", "defaults: the settings a PMF export was trained with "
+                                                      "(pmf_config.json), else the values shown")
+    ref.add_argument("--fusion-blocks", choices=FUSION_BLOCKS, help="(full)")
+    ref.add_argument("--attention-weight", type=float, help="reference-only auto machine weight (1.0)")
+    ref.add_argument("--style-fidelity", type=float,
+                     help="how much the unconditional row ignores the reference, in [0, 1] (0)")
+    ref.add_argument("--reference-timestep", choices=REFERENCE_TIMESTEPS, help="(same)")
+    ref.add_argument("--controlnet-reads-reference", action=argparse.BooleanOptionalAction,
+                     help="the ControlNet reads the bank too (off)")
+
+
+def check_model_arguments(args) -> None:
+    """The model flags' combinations, before anything loads."""
+    if args.mode not in (None, "acm") and args.reference_unet:
+        raise PMFInputError(f"--reference-unet is only used by --mode acm (got --mode {args.mode})")
+
+
+def build_pipeline(args):
+    """The :class:`~pmf_jax.pipelines.RetargetPipeline` of the model flags and the runtime flags."""
+    from pmf_jax.commands import options
+    from pmf_jax.pipelines import RetargetPipeline
+
+    return RetargetPipeline.from_pretrained(args.model, controlnet=args.controlnet, reference_unet=args.reference_unet,
+                                            mode=args.mode, **options.runtime_kwargs(args))
+
+
+def reference_config(pipe, args):
+    """The pipeline's reference settings with the reference flags given on the command line."""
+    given = {name: getattr(args, name) for name in REFERENCE_FLAGS if getattr(args, name) is not None}
+    return dataclasses.replace(pipe.reference_config, **given)
+
+
+__all__ = ["REFERENCE_FLAGS", "add_model_arguments", "add_reference_arguments", "build_pipeline",
+           "check_model_arguments", "reference_config"]
