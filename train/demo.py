@@ -1,11 +1,12 @@
 """``make demo``: build synthetic_pairs (64x64), train the tiny PMF model, retarget held-out identities, score.
 
 Also exports the run with ``pmf convert to-diffusers`` (``outputs/demo/export``) and runs ``pmf retarget`` on
-one held-out pair (``outputs/demo/retarget``). Writes ``outputs/demo/grid.png`` (rows: test pairs; columns: source | target pose | PMF | PMF without the reference
-bank | ground truth) and ``outputs/demo/metrics.json`` with SSIM, PSNR and the colour error on the person
-(train/demo_metrics.py) against the ground truth for (a) the
-trained PMF model and (b) the same weights with the reference bank disabled at sampling. Appearance reaches the
-output only through the reference, so (a) must beat (b) on identities never seen in training.
+one held-out pair (``outputs/demo/retarget``); ``test_source*.png`` (8 held-out people) are ``pmf serve``'s
+examples. Writes ``outputs/demo/grid.png`` (rows: test pairs; columns: source | target pose | PMF | PMF without the
+reference bank | ground truth) and ``outputs/demo/metrics.json`` with SSIM, PSNR and the colour error on the person
+(train/demo_metrics.py) against the ground truth for (a) the trained PMF model and (b) the same weights with the
+reference bank disabled at sampling. Appearance reaches the output only through the reference, so (a) must beat (b)
+on identities never seen in training.
 Run from the repository root: ``python -m train.demo [--out DIR] [--test-pairs N] [key=value ...]``.
 """
 
@@ -46,6 +47,8 @@ def _export_and_retarget_one(cfg, out: Path, result: dict) -> None:
     to_u8 = lambda x, low: np.round((np.clip(x, low, 1) - low) / (1 - low) * 255).astype(np.uint8)  # noqa: E731
     retarget.mkdir(parents=True, exist_ok=True)
     Image.fromarray(to_u8(result["source"][0], -1.0)).save(out / "test_source.png")
+    for i in range(1, min(8, len(result["source"]))):  # more held-out people for `pmf serve`'s example picker
+        Image.fromarray(to_u8(result["source"][i], -1.0)).save(out / f"test_source_{i:02d}.png")
     Image.fromarray(to_u8(result["pose"][0], 0.0)).save(out / "test_pose.png")
     height, width = cfg.data.height_width
     appearance = cfg.sampling.reference_guidance_scale
