@@ -83,13 +83,16 @@ class PretrainedSource:
     ``pmf scaling`` passes one that builds the modules from their configs and reads no weights
     (:class:`pmf_jax.scaling.abstract.ConfigOnlySource`, used under ``jax.eval_shape``)."""
 
+    def __init__(self, allow_pickle: bool = False):
+        self.allow_pickle = allow_pickle  # config model.allow_pickle: also read pickled torch weights
+
     def model(self, path, subfolder=None, **kwargs):
         """``(module, params)`` of a diffusers/transformers folder; kwargs as :func:`pmf_jax.io.from_pretrained`."""
-        return from_pretrained(path, subfolder, **kwargs)
+        return from_pretrained(path, subfolder, allow_pickle=self.allow_pickle, **kwargs)
 
     def empty_prompt_context(self, m, dtype):
         """[1, T, D] text context of the empty prompt (``m``: the config's model section)."""
-        return _empty_prompt_context(m, dtype)
+        return _empty_prompt_context(m, dtype, self.allow_pickle)
 
     def scheduler_config(self, m) -> Optional[dict]:
         """The base's ``scheduler/scheduler_config.json`` as a dict, or None when it has none."""
@@ -103,7 +106,7 @@ def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Compo
     Returns ``(components, params, frozen)``: ``params`` {part: tree} of every UNet-like part (trainable or not),
     ``frozen`` {"autoencoder": tree, "context": [1, T, D] array} of what never trains.
     """
-    source = source or PretrainedSource()
+    source = source or PretrainedSource(allow_pickle=cfg.model.allow_pickle)
     Components.check_mode(cfg.reference.mode)
     m = cfg.model
     dtype = jnp.dtype(m.dtype)
@@ -112,8 +115,7 @@ def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Compo
     rng_unet, rng_cn = jax.random.split(rng)
     kw = dict(dtype=dtype, attention_backend=m.attention_backend, gradient_checkpointing=cfg.train.remat)
     if m.base:
-        unet, params["unet"] = source.model(m.base, "unet", revision=m.revision, param_dtype=jnp.float32, **kw,
-                                             allow_pickle=m.allow_pickle)
+        unet, params["unet"] = source.model(m.base, "unet", revision=m.revision, param_dtype=jnp.float32, **kw)
     elif m.unet_config:
         unet = UNet2DConditionModel.from_config(_read_json(m.unet_config), **kw)
         params["unet"] = jax.jit(unet.init_params)(rng_unet)
@@ -122,7 +124,7 @@ def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Compo
                             "randomly initialised model) must be set")
     if m.reference_unet:
         ref_unet, params["reference_unet"] = source.model(*_part_of(m.reference_unet, "reference_unet"),
-                                                          param_dtype=jnp.float32, allow_pickle=m.allow_pickle, **kw)
+                                                          param_dtype=jnp.float32, **kw)
     else:  # the ACM starts as a copy of the base UNet (MagicPose)
         ref_unet, params["reference_unet"] = unet, jax.tree_util.tree_map(jnp.array, params["unet"])
     autoencoder, ae_params, context = _autoencoder_and_context(cfg, unet, dtype, source)
@@ -130,8 +132,7 @@ def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Compo
     if cfg.train.stage == 2 or "controlnet" in trainable:
         if m.controlnet:
             controlnet, params["controlnet"] = source.model(*_part_of(m.controlnet, "controlnet"),
-                                                            param_dtype=jnp.float32, allow_pickle=m.allow_pickle,
-                                                            **kw)
+                                                            param_dtype=jnp.float32, **kw)
             check_controlnet_fits(unet, controlnet, autoencoder_factor=autoencoder.downscale_factor,
                                   where=f"model.controlnet {m.controlnet}")
         else:  # the pose image enters at pixel resolution: one stride-2 stage per factor 2 of the autoencoder
@@ -169,8 +170,7 @@ def _autoencoder_and_context(cfg, unet, dtype, source):
     else:
         if not m.base:
             raise PMFInputError("config model.autoencoder=vae needs model.base (an SD folder with vae/)")
-        autoencoder, ae_params = source.model(m.base, "vae", revision=m.revision, dtype=dtype,
-                                              allow_pickle=m.allow_pickle)
+        autoencoder, ae_params = source.model(m.base, "vae", revision=m.revision, dtype=dtype)
     ctx_dim = unet.cross_attention_dim if isinstance(unet.cross_attention_dim, int) else unet.cross_attention_dim[0]
     if m.base and m.text_encoder:
         context = source.empty_prompt_context(m, dtype)
@@ -179,13 +179,13 @@ def _autoencoder_and_context(cfg, unet, dtype, source):
     return autoencoder, ae_params, context
 
 
-def _empty_prompt_context(m, dtype):
+def _empty_prompt_context(m, dtype, allow_pickle: bool):
     """CLIP encoding of the empty prompt [1, 77, D]: the pose-pair datasets have no captions, so training runs on
     the empty prompt (what text dropout would give) and the text encoder runs once, up front."""
     from pmf_jax.models.clip_text import load_tokenizer
 
     encoder, enc_params = from_pretrained(m.base, "text_encoder", revision=m.revision, dtype=dtype,
-                                          allow_pickle=m.allow_pickle)
+                                          allow_pickle=allow_pickle)
     tokenizer = load_tokenizer(m.base, subfolder="tokenizer")
     ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="np").input_ids
