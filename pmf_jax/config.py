@@ -90,8 +90,14 @@ class ReferenceSection(_Section):
     attention_weight: float = _field(1.0, check=_PROB, doc="reference-only attention auto machine weight")
     style_fidelity: float = _field(0.0, check=_PROB)
     reference_timestep: str = _field("same", choices=constants.REFERENCE_TIMESTEPS)
-    noise_reference: bool = _field(False)
+    noise_reference: bool = _field(False, doc="write from the source latent noised to the timestep (else clean)")
     controlnet_reads_reference: bool = _field(False)
+    method: str = _field("attn", choices=constants.REFERENCE_METHODS,
+                         doc="attn: reference attention; adain: reference AdaIN (the hidden states take the source's "
+                             "per-channel mean and variance after every block layer); attn+adain: both")
+    adain_weight: float = _field(1.0, check=(lambda v: 0.0 <= v <= 2.0, "must lie in [0, 2]"),
+                                 doc="reference-only gn_auto_machine_weight: which blocks apply AdaIN (2: all; 1: "
+                                     "the mid block, deeper down blocks, first up blocks)")
 
     def to_reference_config(self):
         """The model-side ``pmf_jax.reference.ReferenceConfig`` (the fields both share)."""
@@ -127,9 +133,12 @@ class TrainConfig(_Section):
     """Optimisation, the loss, and the loop's bookkeeping."""
 
     SECTION = "train"
-    stage: int = _field(1, choices=(1, 2), doc="1: the ACM alone; 2: ControlNet + ACM jointly (ADPCM)")
-    trainable: Tuple[str, ...] = _field((), doc="parts that train (unet, reference_unet, controlnet); "
-                                               "empty: by stage (1: reference_unet; 2: + controlnet)")
+    stage: int = _field(1, choices=(1, 2), doc="1: no ControlNet (the ACM stage); 2: with the pose ControlNet "
+                                                     "(ADPCM)")
+    trainable: Tuple[str, ...] = _field((), doc="parts that train (unet, reference_unet, controlnet); the "
+                                               "others are frozen, stored in model.frozen_param_dtype. Empty: the "
+                                               "design's recipe by stage (1: reference_unet, or unet in "
+                                               "reference_only; 2: controlnet)")
     steps: int = _field(10_000, check=_POSITIVE)
     lr: float = _field(1e-5, check=_POSITIVE)
     warmup_steps: int = _field(500, check=_NON_NEGATIVE)

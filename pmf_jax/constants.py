@@ -36,6 +36,11 @@ ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "flash")
 # Reference bank options (pmf_jax.reference.ReferenceConfig).
 FUSION_BLOCKS = ("full", "midup")
 REFERENCE_TIMESTEPS = ("same", "zero")
+# How readers use the bank (diffusers' reference-only: reference_attn / reference_adain):
+#   attn        self-attention also attends to the reference's hidden states;
+#   adain       after every block layer, the hidden states take the reference's per-channel mean and variance;
+#   attn+adain  both.
+REFERENCE_METHODS = ("attn", "adain", "attn+adain")
 
 # SD1.5's noise schedule: the betas the models were trained with. Training noise depends on these alone.
 SD15_NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,

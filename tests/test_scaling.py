@@ -62,7 +62,7 @@ def test_sd15_stage2_shapes_without_weights():
     params = run.all_params()
     assert abstract.tree_count(params["unet"]) == 859_520_964          # SD1.5 UNet
     assert abstract.tree_count(params["controlnet"]) == 361_279_120    # control_v11p_sd15_openpose (test_controlnet)
-    assert run.components.trainable == ("reference_unet", "controlnet")
+    assert run.components.trainable == ("controlnet",)                  # the design's stage 2: ControlNet alone
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(run.state.params))      # fp32 master copy
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(run.frozen_params))    # frozen base UNet
     assert run.frozen["context"].shape == (1, 77, 768)

@@ -1,12 +1,15 @@
 """``make demo``: build synthetic_pairs (64x64), train the tiny PMF model, retarget held-out identities, score.
 
+The held-out pairs are generated and scored in three modes, as ``pmf eval generate`` / ``pmf eval score`` do
+(``outputs/demo/compare_runs/<mode>``): ``acm`` (the trained PMF model), ``reference_only`` (its denoising UNet writes
+its own bank: the design's Method 1) and ``controlnet_only`` (the same weights, no reference bank), then put side by
+side by ``pmf eval compare`` (``outputs/demo/compare.md``, ``compare.json``, ``compare.png``).
 Also exports the run with ``pmf convert to-diffusers`` (``outputs/demo/export``) and runs ``pmf retarget`` on
 one held-out pair (``outputs/demo/retarget``); ``test_source*.png`` (8 held-out people) are ``pmf serve``'s
 examples. Writes ``outputs/demo/grid.png`` (rows: test pairs; columns: source | target pose | PMF | PMF without the
 reference bank | ground truth) and ``outputs/demo/metrics.json`` with SSIM, PSNR and the colour error on the person
-(train/demo_metrics.py) against the ground truth for (a) the trained PMF model and (b) the same weights with the
-reference bank disabled at sampling. Appearance reaches the output only through the reference, so (a) must beat (b)
-on identities never seen in training.
+(train/demo_metrics.py) against the ground truth for each mode. Appearance reaches the output only through the
+reference, so the trained model must beat the baselines on identities never seen in training.
 Run from the repository root: ``python -m train.demo [--out DIR] [--test-pairs N] [key=value ...]``.
 """
 
@@ -98,15 +101,23 @@ def main(argv=None) -> dict:
         raise SystemExit(f"training failed with exit code {run.returncode}")
     phases["train"] = time.perf_counter() - start - sum(phases.values())
 
-    print("[demo] retargeting held-out test identities", flush=True)
-    from train.retarget_eval import generate_test_pairs
+    print("[demo] retargeting held-out test identities in every mode (pmf eval generate + score)", flush=True)
+    from train.retarget_eval import generate_modes, read_modes
 
-    result = generate_test_pairs(cfg, num_pairs=args.test_pairs)
-    metrics = {"with_reference": score(result["generated"], result["target"]),
-               "without_reference": score(result["generated_no_reference"], result["target"]),
-               "test_pairs": int(result["target"].shape[0]), "checkpoint_step": result["step"],
+    modes = generate_modes(cfg, out / "compare_runs", num_pairs=args.test_pairs)
+    runs = [modes["folders"][m] for m in ("acm", "reference_only", "controlnet_only")]
+    print(f"[demo] pmf eval compare {' '.join(map(str, runs))} --out {out / 'compare'}", flush=True)
+    _pmf("eval", "compare", *runs, "--out", out / "compare", "--data-dir", cfg.data.data_dir)
+    compared = json.loads((out / "compare.json").read_text())
+    result = read_modes(cfg, modes["folders"], args.test_pairs)
+    result["generated"], result["generated_no_reference"] = result["acm"], result["controlnet_only"]
+    metrics = {"with_reference": score(result["acm"], result["target"]),
+               "reference_only": score(result["reference_only"], result["target"]),
+               "without_reference": score(result["controlnet_only"], result["target"]),
+               "test_pairs": int(result["target"].shape[0]), "checkpoint_step": modes["step"],
                "train_steps": cfg.train.steps, "train_images_per_s": _train_images_per_s(cfg.train.output_dir),
-               "devices": jax.device_count(), "platform": jax.default_backend()}
+               "devices": jax.device_count(), "platform": jax.default_backend(),
+               "pmf_eval_compare": {r["label"]: r["metrics"] for r in compared["runs"]}}
     phases["evaluate"] = time.perf_counter() - start - sum(phases.values())
     from PIL import Image
 
@@ -122,10 +133,12 @@ def main(argv=None) -> dict:
                        result["generated_no_reference"][rows], result["target"][rows]])
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(out / "grid.png")
     a, b = metrics["with_reference"], metrics["without_reference"]
-    for name, m in (("PMF:              ", a), ("without reference:", b)):
+    for name, m in (("PMF (acm):        ", a), ("reference_only:   ", metrics["reference_only"]),
+                    ("without reference:", b)):
         print(f"[demo] {name}  SSIM {m['ssim']:.4f}  PSNR {m['psnr']:.2f} dB  person colour error "
               f"{m['person_colour_error']:.1f} ΔE")
-    print(f"[demo] wrote {out / 'grid.png'} and {out / 'metrics.json'} in {metrics['total_seconds']:.0f} s")
+    print(f"[demo] wrote {out / 'grid.png'}, {out / 'metrics.json'}, {out / 'compare.md'} and {out / 'compare.png'} "
+          f"in {metrics['total_seconds']:.0f} s")
     return metrics
 
 

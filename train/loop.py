@@ -116,7 +116,6 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
     init_rng, state_rng = jax.random.split(rng)
     comps, params, frozen = components_lib.build(cfg, init_rng)
     write_run_info(run_dir, cfg, comps)
-    comps = comps.for_mode(cfg.reference.mode)
     trainable = {part: params[part] for part in comps.trainable}
     frozen_params = {part: p for part, p in params.items() if part not in comps.trainable}
     reference_cfg = cfg.reference.to_reference_config()

@@ -1,14 +1,22 @@
-"""Retargeting a run's held-out test pairs with its trained weights through the RetargetPipeline (the demo's
-evaluation): the run's mode (``reference.mode``, the PMF model) and mode "controlnet_only" (the same weights,
-reference bank disabled)."""
+"""The demo's evaluation: a run's held-out test pairs in every pipeline mode, generated and scored the way
+``pmf eval generate`` / ``pmf eval score`` do (the same library calls, one process, the run's weights loaded once):
+``acm`` (the trained PMF model), ``reference_only`` (its denoising UNet writes its own bank: Method 1) and
+``controlnet_only`` (the same weights, no reference bank)."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 
-from pmf_jax import input_pipeline
-from pmf_jax.evaluation.model import load_run_parts
-from pmf_jax.pipelines.from_run import pipeline_from_run, sampling_kwargs
+from pmf_jax.evaluation import generate, read_pairs, score, write_report
+from pmf_jax.evaluation.model import EvalModel, load_run_parts
+from pmf_jax.evaluation.pairs import image_source
+from pmf_jax.input_pipeline import prepare_pair
+from pmf_jax.pipelines.from_run import pipeline_from_run
+
+MODES = ("acm", "reference_only", "controlnet_only")
 
 
 def load_trained(cfg, step=None, ema: bool = True):
@@ -17,44 +25,42 @@ def load_trained(cfg, step=None, ema: bool = True):
     return load_run_parts(cfg, cfg.train.output_dir, step, ema=ema)
 
 
-def pipelines_for_run(cfg, step=None):
-    """{"generated": pipeline in the run's mode, "generated_no_reference": pipeline in mode "controlnet_only"} over
-    the run's trained weights, and the step."""
+def generate_modes(cfg, out: Path, num_pairs: int = 64, step=None, progress: bool = True) -> dict:
+    """Writes ``out/<mode>/`` (images, generation.json, scores.json/.md with SSIM and PSNR) for the first
+    ``num_pairs`` pairs of the eval split in every mode of :data:`MODES`; returns {mode: folder} and the step."""
     if cfg.model.base and cfg.model.text_encoder:
         raise NotImplementedError("the demo evaluation covers prompt-free runs; use `pmf eval generate`")
     run, step = load_trained(cfg, step)
-    return {"generated": pipeline_from_run(run),
-            "generated_no_reference": pipeline_from_run(run, mode="controlnet_only")}, step
+    data = cfg.data
+    folders = {}
+    for mode in MODES:
+        mode_cfg = dataclasses.replace(cfg, reference=dataclasses.replace(cfg.reference, mode=mode))
+        model = EvalModel("run", Path(cfg.train.output_dir).absolute(), step).with_overrides(
+            [f"reference.mode={mode}"])
+        folder = out / mode
+        generate(mode_cfg, folder, split=data.eval_split, model=model, pipeline=pipeline_from_run(run, mode=mode),
+                 limit=num_pairs, overwrite=True, progress=progress)
+        results = score(folder, data.name, data.builder_config, data.data_dir, split=data.eval_split,
+                        metrics=["ssim", "psnr"], progress=False)
+        write_report(results, folder / "scores")
+        folders[mode] = folder
+    return {"folders": folders, "step": step}
 
 
-def _uint8(images, low):
-    return np.round((np.clip(images, low, 1.0) - low) / (1.0 - low) * 255).astype(np.uint8)
+def read_modes(cfg, folders: dict, num_pairs: int) -> dict:
+    """The generated images of :func:`generate_modes` beside the pairs' inputs, as arrays [N, H, W, 3]: source,
+    target ([-1, 1]), pose ([0, 1]) and one entry per mode ([-1, 1]), in split order."""
+    from PIL import Image
 
-
-def generate_test_pairs(cfg, num_pairs: int = 64, batch_size: int = 16, step=None) -> dict:
-    """Samples the first ``num_pairs`` pairs of the eval split with and without the reference bank.
-
-    Returns numpy arrays [N, H, W, 3]: source, pose ([0, 1]), target, generated, generated_no_reference ([-1, 1]).
-    """
-    pipes, step = pipelines_for_run(cfg, step)
-    loader = input_pipeline.make_loader(cfg.data.name, cfg.data.eval_split, cfg.data.data_dir, batch_size,
-                                        cfg.data.height_width, config=cfg.data.builder_config, shuffle=False,
-                                        augment=False, num_epochs=1, shard_index=0, shard_count=1)
-    out = {k: [] for k in ("source", "pose", "target", "generated", "generated_no_reference")}
-    height, width = cfg.data.height_width
-    seen = 0
-    for batch in loader:
-        if seen >= num_pairs:
-            break
-        sources, poses = list(_uint8(batch["source"], -1.0)), list(_uint8(batch["pose"], 0.0))
-        seeds = [cfg.sampling.seed + seen + i for i in range(len(sources))]  # the same noise for both variants
-        for name, pipe in pipes.items():
-            images = pipe(sources, poses, height=height, width=width, seed=seeds, pose_kind="skeleton",
-                          output_type="np", **sampling_kwargs(cfg, pipe.mode))
-            out[name].append(np.asarray(images) * 2.0 - 1.0)
-        for name in ("source", "pose", "target"):
-            out[name].append(batch[name])
-        seen += len(sources)
-    result = {k: np.concatenate(v)[:num_pairs] for k, v in out.items()}
-    result["step"] = step
-    return result
+    data = cfg.data
+    pairs = read_pairs(data.name, data.builder_config, data.eval_split, data.data_dir)[:num_pairs]
+    source = image_source(data.name, data.builder_config, data.eval_split, data.data_dir)
+    out = {k: [] for k in ("source", "pose", "target", *folders)}
+    for pair in pairs:
+        example = prepare_pair(source[pair.index], data.height_width, None)
+        for k in ("source", "pose", "target"):
+            out[k].append(example[k])
+        for mode, folder in folders.items():
+            image = np.asarray(Image.open(Path(folder) / pair.filename).convert("RGB"), np.float32)
+            out[mode].append(image / 127.5 - 1.0)
+    return {k: np.stack(v) for k, v in out.items()}

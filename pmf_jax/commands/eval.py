@@ -1,5 +1,6 @@
-"""``pmf eval generate`` and ``pmf eval score``: retarget a dataset split's pairs, then score the images against the
-ground truth (SSIM, PSNR, LPIPS, FID, CLIP score). The work is in :mod:`pmf_jax.evaluation`."""
+"""``pmf eval generate``, ``pmf eval score`` and ``pmf eval compare``: retarget a dataset split's pairs, score the
+images against the ground truth (SSIM, PSNR, LPIPS, FID, CLIP score), and put scored runs side by side. The work is
+in :mod:`pmf_jax.evaluation`."""
 
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "there, and generation.json (the settings). The model is --model (a training run folder or a "
                     "PMF export) or the folders the config's model.* names; dataset, resolution, batch size and "
                     "sampling come from the config (pmf_jax/config.py): data.*, sampling.*, reference.* (a run's "
-                    "own config.yaml; an export keeps its own mode and reference settings). A new generation is "
+                    "own config.yaml; an export keeps its own mode and reference settings except the reference.* "
+                    "keys given). The pipeline mode is an override: reference.mode=reference_only (Method 1; with "
+                    "reference.method=attn+adain for AdaIN) or reference.mode=controlnet_only evaluates the model "
+                    "as that baseline. A new generation is "
                     "written into OUT.partial and moved to --out when every image exists; a stopped run is "
                     "continued by the next one with the same settings, and so is a complete --out.")
     g.add_argument("--model", metavar="EXPORT_OR_RUN",
@@ -36,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       "settings, unless --overwrite; staged in OUT.partial")
     g.add_argument("--prompt", default="", help="text prompt for every pair (default: empty; recorded for CLIP score)")
     g.add_argument("--negative-prompt", default="")
-    g.add_argument("--limit", type=options.positive_int, help="only the first N pairs (smoke runs)")
+    g.add_argument("--limit", type=options.positive_int,
+                   help="only the first N pairs (recorded in generation.json: pmf eval score scores those)")
     g.add_argument("--sequence", action="store_true",
                    help="pairs of one source and the frames of one video (TikTok) are animated as clips, in frame "
                         "order (pmf animate's pipeline: one bank, one initial noise per clip); pmf eval score then "
@@ -76,18 +81,48 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--out", help="report path without extension (default: <generated>/scores); <out>.json and "
                                  "<out>.md are replaced when the scores are complete")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    c = sub.add_parser(
+        "compare", help="put scored runs side by side: one table, one image grid",
+        description="Reads each folder's scores.json (pmf eval score) and writes <out>.json and <out>.md (every "
+                    "metric per run, the dataset's published rows beside them labelled as literature) and <out>.png "
+                    "(the same pairs in every run: source | pose | run 1 | ... | ground truth). The runs must be of "
+                    "one dataset and split; a mode is a pmf eval generate override (reference.mode=...).")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="scored pmf eval generate folders")
+    c.add_argument("--labels", help="comma-separated names, one per RUN (default: the folder names)")
+    c.add_argument("--out", required=True, help="report path without extension: <out>.json, <out>.md, <out>.png "
+                                                "are replaced when complete")
+    c.add_argument("--data-dir", help="TFDS data_dir of the runs' dataset, for the grid's sources, poses and ground "
+                                      "truth (default: TFDS's)")
+    c.add_argument("--pairs", type=options.positive_int, default=8, help="pairs in the grid (default: %(default)s)")
     return p
 
 
 def run(args) -> int:
-    return _generate(args) if args.eval_command == "generate" else _score(args)
+    return {"generate": _generate, "score": _score, "compare": _compare}[args.eval_command](args)
+
+
+def _compare(args) -> int:
+    from pmf_jax.evaluation.compare import compare, output_paths, write_comparison
+    from pmf_jax.out_folder import check_out_file
+
+    for path in output_paths(args.out):  # before anything is read: a folder in the way, a read-only location
+        check_out_file(path)
+    labels = [label.strip() for label in args.labels.split(",")] if args.labels else None
+    comparison = compare(args.runs, labels)
+    written = write_comparison(comparison, args.out, data_dir=args.data_dir, pairs=args.pairs)
+    for run in comparison["runs"]:
+        values = ", ".join(f"{k} {v:.4f}" for k, v in run["metrics"].items() if v is not None)
+        print(f"{run['label']} ({run['mode']}): {values}")
+    print(f"wrote {', '.join(map(str, written))}")
+    return 0
 
 
 def _generate(args) -> int:
     from pmf_jax.evaluation import generate
     from pmf_jax.evaluation.model import eval_config, resolve_model
 
-    model = resolve_model(args.model)
+    model = resolve_model(args.model).with_overrides(args.overrides)
     cfg = eval_config(model, args.config, args.overrides)
     summary = generate(cfg, args.out, split=args.split, prompt=args.prompt, negative_prompt=args.negative_prompt,
                        model=model, limit=args.limit, progress=not args.no_progress, allow_pickle=args.allow_pickle,

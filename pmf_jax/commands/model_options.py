@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from pmf_jax.constants import FUSION_BLOCKS, MODES, REFERENCE_TIMESTEPS
+from pmf_jax.constants import FUSION_BLOCKS, MODES, REFERENCE_METHODS, REFERENCE_TIMESTEPS
 from pmf_jax.errors import PMFInputError
 
-# ReferenceConfig fields set at sampling time (noise_reference: the export's)
-REFERENCE_FLAGS = ("fusion_blocks", "attention_weight", "style_fidelity", "reference_timestep",
-                   "controlnet_reads_reference")
+# ReferenceConfig fields set at sampling time; a flag not given keeps the model's setting (an export's, else the default)
+REFERENCE_FLAGS = ("fusion_blocks", "attention_weight", "style_fidelity", "reference_timestep", "noise_reference",
+                   "controlnet_reads_reference", "method", "adain_weight")
+# the argparse dest of a reference flag whose name is not the field's
+_FLAG_DESTS = {"method": "reference_method"}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model=None) -> None:
@@ -43,6 +45,14 @@ def add_reference_arguments(parser: argparse.ArgumentParser) -> None:
     ref.add_argument("--reference-timestep", choices=REFERENCE_TIMESTEPS, help="(same)")
     ref.add_argument("--controlnet-reads-reference", action=argparse.BooleanOptionalAction,
                      help="the ControlNet reads the bank too (off)")
+    ref.add_argument("--noise-reference", action=argparse.BooleanOptionalAction,
+                     help="write the bank from the source latent noised to the current timestep, as diffusers' "
+                          "reference pipelines do (off: the clean latent)")
+    ref.add_argument("--reference-method", dest=_FLAG_DESTS["method"], choices=REFERENCE_METHODS,
+                     help="attn: reference attention; adain: reference AdaIN (the hidden states take the source's "
+                          "per-channel mean and variance); attn+adain: both, diffusers' reference-only (attn)")
+    ref.add_argument("--adain-weight", type=float,
+                     help="reference-only gn auto machine weight in [0, 2]: which blocks apply AdaIN, 2 = all (1.0)")
 
 
 def check_model_arguments(args) -> None:
@@ -62,8 +72,8 @@ def build_pipeline(args):
 
 def reference_config(pipe, args):
     """The pipeline's reference settings with the reference flags given on the command line."""
-    given = {name: getattr(args, name) for name in REFERENCE_FLAGS if getattr(args, name) is not None}
-    return dataclasses.replace(pipe.reference_config, **given)
+    given = {name: getattr(args, _FLAG_DESTS.get(name, name)) for name in REFERENCE_FLAGS}
+    return dataclasses.replace(pipe.reference_config, **{k: v for k, v in given.items() if v is not None})
 
 
 __all__ = ["REFERENCE_FLAGS", "add_model_arguments", "add_reference_arguments", "build_pipeline",

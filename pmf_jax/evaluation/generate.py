@@ -45,16 +45,17 @@ class GenerationSummary:
 
 
 def generation_settings(cfg: config_lib.Config, split: str, prompt: str, negative_prompt: str, model=None,
-                        reference=None) -> Dict:
+                        reference=None, mode=None) -> Dict:
     """Everything that changes the images (what ``generation.json`` holds and a resume must match). ``model``: the
     :class:`~pmf_jax.evaluation.model.EvalModel` (recorded as ``model_source``); ``reference``: an export's
-    ReferenceConfig, used instead of ``cfg.reference``."""
+    ReferenceConfig and ``mode`` its pipeline mode, used instead of ``cfg.reference``."""
     data = cfg.data
     dataset = data.name + (f"/{data.builder_config}" if data.builder_config else "")
     as_dict = lambda section: json.loads(json.dumps(dataclasses.asdict(section)))  # noqa: E731  (tuples -> lists)
     settings = {"dataset": dataset, "split": split, "resolution": list(data.height_width), "prompt": prompt,
                 "negative_prompt": negative_prompt, "model": as_dict(cfg.model),
-                "reference": as_dict(reference if reference is not None else cfg.reference),
+                "reference": (as_dict(cfg.reference) if reference is None
+                              else dict(as_dict(reference), mode=mode)),
                 "sampling": as_dict(cfg.sampling)}
     if model is not None and model.kind != "config":
         settings["model_source"] = model.describe()
@@ -71,6 +72,7 @@ def _check_resume(folder: Path, settings: Dict, what: str) -> None:
     except json.JSONDecodeError as err:
         raise PMFInputError(f"{path} is not valid JSON ({err}); remove it, use another --out or pass --overwrite") \
             from None
+    old.pop("limit", None)  # how many pairs were asked for last time: a resume may ask for more or fewer
     keys = sorted(set(settings) | set(old))
     changed = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in keys if old.get(k) != settings.get(k)]
     if changed:
@@ -112,7 +114,8 @@ def generate(cfg: config_lib.Config, out_dir, *, split: Optional[str] = None, pr
       pipeline: a built RetargetPipeline (default: the one of ``model``, built once there is something to generate).
       model: an :class:`~pmf_jax.evaluation.model.EvalModel` (``--model``: a training run or a PMF export); default
         the folders the config's ``model`` section names.
-      limit: only the first ``limit`` pairs of the split (smoke runs).
+      limit: only the first ``limit`` pairs of the split (recorded in generation.json: :func:`~pmf_jax.evaluation.score`
+        then scores those pairs).
       allow_pickle: as :func:`pmf_jax.io.from_pretrained`, for the models the config names.
       overwrite: start afresh, replacing a non-empty ``out_dir`` when the new images are complete.
       sequence: per video (TikTok's ``video/frame`` names; :func:`pmf_jax.evaluation.temporal.sequences`) the
@@ -132,8 +135,8 @@ def generate(cfg: config_lib.Config, out_dir, *, split: Optional[str] = None, pr
     out_dir = Path(out_dir)
     data = cfg.data
     split = split or data.eval_split
-    reference = export_reference(model)
-    settings = generation_settings(cfg, split, prompt, negative_prompt, model, reference)
+    mode, reference = export_reference(model, cfg)
+    settings = generation_settings(cfg, split, prompt, negative_prompt, model, reference, mode)
     if sequence:
         settings["sequence"] = True
     in_place = not overwrite and out_dir.is_dir() and (out_dir / SETTINGS_FILE).is_file()
@@ -161,7 +164,8 @@ def generate(cfg: config_lib.Config, out_dir, *, split: Optional[str] = None, pr
 
     def write(folder: Path) -> None:
         # Recorded once the models load, so that a failed start (e.g. a wrong path) does not block the corrected run.
-        (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        recorded = settings if limit is None else dict(settings, limit=limit)  # pmf eval score scores those pairs
+        (folder / SETTINGS_FILE).write_text(json.dumps(recorded, indent=2) + "\n")
         if not todo:
             return
         from pmf_jax.input_pipeline import prepare_pair

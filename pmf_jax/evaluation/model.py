@@ -8,6 +8,12 @@
   :meth:`~pmf_jax.pipelines.RetargetPipeline.from_pretrained`, with its own mode and reference settings; the config
   (``--config``) supplies the data and the ``sampling`` section.
 * No ``--model``: the folders the config's ``model`` section names (:func:`pipeline_from_run` of the config).
+
+The pipeline mode is a config override like any other: ``reference.mode=reference_only`` (with
+``reference.method=attn+adain`` for Method 1 with AdaIN) or ``reference.mode=controlnet_only`` evaluates a run's or
+an export's UNet and ControlNet as that baseline. A run's parts are built as it trained them (its own mode), then
+sampled in the overridden one; an export's own reference settings hold except the ``reference.*`` keys overridden
+(:attr:`EvalModel.reference_keys`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,14 @@ class EvalModel:
     kind: str
     path: Optional[Path] = None
     step: Optional[int] = None
+    #: the ``reference.*`` fields given as overrides (``mode``, ``method``, ...): they replace an export's own
+    reference_keys: Tuple[str, ...] = ()
+
+    def with_overrides(self, overrides: Sequence[str]) -> "EvalModel":
+        """This model with :attr:`reference_keys` of the ``KEY=VALUE`` overrides."""
+        keys = tuple(sorted({o.split("=", 1)[0][len("reference."):] for o in overrides
+                             if o.split("=", 1)[0].startswith("reference.")}))
+        return dataclasses.replace(self, reference_keys=keys)
 
     def describe(self) -> Dict[str, Any]:
         """What ``generation.json`` records of the model (with the config's ``model`` section)."""
@@ -97,25 +111,38 @@ def load_run_parts(cfg, run_dir=None, step: Optional[int] = None, ema: bool = Tr
 def build_pipeline(cfg, model: EvalModel, allow_pickle: bool = False):
     """The :class:`~pmf_jax.pipelines.RetargetPipeline` of ``model`` (see the module docstring). ``allow_pickle``: as
     :func:`pmf_jax.io.from_pretrained`, for the model folders an export or the config names."""
+    from pmf_jax.config import load_config
     from pmf_jax.pipelines.from_run import pipeline_from_run
 
     if model.kind == "run":
-        run, _ = load_run_parts(cfg, model.path, model.step)
-        return pipeline_from_run(run)
+        trained = load_config(str(model.path / "config.yaml")).reference.mode
+        built = dataclasses.replace(cfg, reference=dataclasses.replace(cfg.reference, mode=trained))
+        run, _ = load_run_parts(built, model.path, model.step)
+        if cfg.reference.mode == "acm" and "reference_unet" not in run.params:
+            raise PMFInputError(f"--model {model.path}: the run trained in reference.mode={trained} and has no "
+                                f"reference UNet for reference.mode=acm")
+        return pipeline_from_run(run, mode=cfg.reference.mode)
     if model.kind == "export":
         from pmf_jax.pipelines import RetargetPipeline
 
-        return RetargetPipeline.from_pretrained(str(model.path), dtype=cfg.model.dtype,
+        mode, _ = export_reference(model, cfg)
+        return RetargetPipeline.from_pretrained(str(model.path), mode=mode, dtype=cfg.model.dtype,
                                                 attention_backend=cfg.model.attention_backend,
                                                 allow_pickle=allow_pickle)
     return pipeline_from_run(cfg, allow_pickle=allow_pickle)
 
 
-def export_reference(model: EvalModel):
-    """The reference settings an export was trained with (None for a run or a config: theirs are
+def export_reference(model: EvalModel, cfg) -> Tuple[Optional[str], Any]:
+    """(mode, ReferenceConfig) an export is sampled with: its own (``pmf_config.json``), with the ``reference.*``
+    fields of :attr:`EvalModel.reference_keys` taken from ``cfg``; (None, None) for a run or a config (theirs are
     ``cfg.reference``)."""
     if model.kind != "export":
-        return None
+        return None, None
     from pmf_jax.convert import read_pmf_config, reference_config_of
 
-    return reference_config_of(read_pmf_config(model.path))
+    pmf_config = read_pmf_config(model.path) or {}
+    reference = reference_config_of(pmf_config)
+    names = {f.name for f in dataclasses.fields(reference)}
+    given = {k: getattr(cfg.reference, k) for k in model.reference_keys if k in names}
+    mode = cfg.reference.mode if "mode" in model.reference_keys else pmf_config.get("mode", "acm")
+    return mode, dataclasses.replace(reference, **given)

@@ -216,10 +216,13 @@ def score(generated_dir, dataset: str, config: Optional[str] = None, data_dir=No
     pairs = read_pairs(dataset, config, split, data_dir)
     if not pairs:
         raise PMFInputError(f"{what} has no pairs")
+    settings = _generation_settings(generated_dir)
+    if settings.get("limit"):  # `pmf eval generate --limit N`: its first N pairs are the ones to score
+        pairs = pairs[:int(settings["limit"])]
+        what += f" (the first {len(pairs)} pairs: generated with --limit)"
     check_generated(generated_dir, pairs, what)
     if "fid" in metrics:
         _check_reference(fid_reference, dataset, config, data_dir)
-    settings = _generation_settings(generated_dir)
     if prompt is None:
         prompt = settings.get("prompt", "")
     size = dataset_size(dataset, config, data_dir)

@@ -32,7 +32,8 @@ def in_range(leaf, dtype=None) -> bool:
     if array.size == 0 or not _is_floating(array):
         return True
     limit = float(jnp.finfo(dtype if dtype is not None else array.dtype).max)
-    return bool(array.max() <= limit) and bool(array.min() >= -limit)
+    # Python floats: comparing a float16 array with a float32 limit would warn about an overflowing cast
+    return float(array.max()) <= limit and float(array.min()) >= -limit
 
 
 def all_finite(tree, dtype=None) -> bool:

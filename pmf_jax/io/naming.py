@@ -2,7 +2,8 @@
 
 PyTorch key ``down_blocks.0.attentions.1.proj_in.weight`` ⇄ Flax path
 ``down_blocks_0/attentions_1/proj_in/kernel``: a numeric key part joins the name before it with ``_``; the leaf
-``weight`` becomes ``kernel`` (Dense, Conv), ``scale`` (norms) or ``embedding`` (Embed), as the Flax tree says.
+``weight`` becomes ``kernel`` (Dense, Conv), ``scale`` (norms) or ``embedding`` (Embed), as the Flax tree says; a
+parameter a module holds itself (``embeddings.class_embedding``) keeps its name.
 Conv kernels are OIHW in torch and HWIO in Flax; Dense kernels are (out, in) in torch and (in, out) in Flax.
 """
 
@@ -51,7 +52,9 @@ def flax_module_path_to_torch(path: Path) -> str:
 
 
 def _torch_leaf(flax_leaf: str) -> str:
-    return {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}[flax_leaf]
+    """A layer's parameter -> ``weight``/``bias``; a module's own parameter (CLIP's ``class_embedding``) keeps its
+    name."""
+    return {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}.get(flax_leaf, flax_leaf)
 
 
 def torch_to_flax_array(value: np.ndarray, flax_leaf: str, flax_shape: Tuple[int, ...]) -> np.ndarray:

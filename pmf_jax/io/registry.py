@@ -13,6 +13,7 @@ MODEL_CLASSES = {
     "ControlNetModel": ("pmf_jax.models.controlnet", "ControlNetModel"),
     "AutoencoderKL": ("pmf_jax.models.vae", "AutoencoderKL"),
     "CLIPTextModel": ("pmf_jax.models.clip_text", "CLIPTextModel"),
+    "CLIPVisionModelWithProjection": ("pmf_jax.models.clip_vision", "CLIPVisionModelWithProjection"),
 }
 
 

@@ -41,7 +41,8 @@ class ControlNetModel(EncoderFields, PretrainedMixin):
     controlnet_cond [B,8h,8w,3] in [0,1], conditioning_scale=1.0, guess_mode=False, reference=None)`` →
     ``(down_residuals, mid_residual)``: one [B, ., ., C] residual per UNet skip connection (conv_in, every down-block
     layer and downsampler) and one for the middle block, already multiplied by ``conditioning_scale``.
-    ``reference`` (a :class:`~pmf_jax.reference.ReferenceRead`) reads a reference bank exactly as the UNet does: the
+    ``reference`` (a :class:`~pmf_jax.reference.ReferenceRead`) reads a reference bank's attention entries exactly as
+    the UNet does (its AdaIN statistics are not applied, as in diffusers' ControlNet reference pipeline): the
     ControlNet's encoder is the UNet's (:class:`~pmf_jax.models.unet_encoder.UNetEncoder`), with the same names.
     """
 
@@ -85,6 +86,8 @@ class ControlNetModel(EncoderFields, PretrainedMixin):
             cond = cond[..., ::-1]
         cond = ControlNetConditioningEmbedding(self.block_out_channels[0], self.conditioning_embedding_out_channels,
                                                self.dtype, name="controlnet_cond_embedding")(cond)
+        if reference is not None:
+            reference = reference.without_adain()
         h, skips, _, _ = encoder(sample.astype(self.dtype), timesteps, context, reference, False, cond)
         down = [conv1x1(s.shape[-1], self.dtype, f"controlnet_down_blocks_{i}", zero_init=True)(s)
                 for i, s in enumerate(skips)]

@@ -19,7 +19,7 @@ from pmf_jax.models.configurable import PretrainedMixin
 from pmf_jax.models.unet_blocks import UpBlock, per_block
 from pmf_jax.models.unet_encoder import (ENCODER_CONFIG_KEYS, EncoderFields, IntOrSeq, UNetEncoder,
                                          attention_settings, context_dim)
-from pmf_jax.reference import ReferenceRead, child_read
+from pmf_jax.reference import ReferenceConfig, ReferenceRead, adain_blocks, child_read
 
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
@@ -73,19 +73,23 @@ class UNet2DConditionModel(EncoderFields, PretrainedMixin):
             raise TypeError(f"reference must be a pmf_jax.reference.ReferenceRead, got {type(reference).__name__} "
                             f"(wrap a bank with ReferenceRead.build(bank, config, batch))")
         return self.forward(sample, timesteps, encoder_hidden_states, down_block_additional_residuals,
-                            mid_block_additional_residual, reference, False)
+                            mid_block_additional_residual, reference, None)
 
-    def write_reference(self, sample, timesteps, encoder_hidden_states):
-        """The write path of the reference UNet: returns the reference bank, a nested dict
+    def write_reference(self, sample, timesteps, encoder_hidden_states, config: Optional[ReferenceConfig] = None):
+        """The write path of the reference UNet: returns the reference bank (:mod:`pmf_jax.reference`), a nested dict
         ``{"down_blocks_i": {"attentions_j": {"transformer_blocks_k": [B, HW, C]}}, "mid_block": ..., "up_blocks_i": ...}``
-        of the hidden states entering each self-attention (after norm1), stopping after the last transformer block.
+        of the hidden states entering each self-attention (after norm1) when ``config.method`` uses attention (None:
+        ``ReferenceConfig()``, attention only), plus, when it uses AdaIN, ``"adain_j"``/``"adain"`` statistics
+        {"mean", "var"} [B, 1, 1, C] of every down block, the mid block and the up blocks ``config.adain_weight``
+        selects. It stops after the last block it needs (for attention, the last transformer block).
         """
-        return self.forward(sample, timesteps, encoder_hidden_states, None, None, None, True)
+        return self.forward(sample, timesteps, encoder_hidden_states, None, None, None, config or ReferenceConfig())
 
     @nn.compact
     def forward(self, sample, timesteps, encoder_hidden_states, down_residuals, mid_residual,
-                reference: Optional[ReferenceRead], write: bool):
-        """The one network both paths run: the noise prediction [B, H, W, out_channels], or (``write``) the bank."""
+                reference: Optional[ReferenceRead], write: Optional[ReferenceConfig]):
+        """The one network both paths run: the noise prediction [B, H, W, out_channels], or (``write``: the config
+        of the entries to write) the bank."""
         bad = [t for t in self.up_block_types if t not in UP_BLOCK_TYPES]
         if bad:
             raise PMFInputError(f"{type(self).__name__}: unsupported up block types {bad}; supported {UP_BLOCK_TYPES}")
@@ -99,7 +103,9 @@ class UNet2DConditionModel(EncoderFields, PretrainedMixin):
         odd_size = sample.shape[1] % factor or sample.shape[2] % factor
         if self.center_input_sample:
             sample = 2 * sample - 1.0
-        h, skips, temb, written = encoder(sample, timesteps, context, reference, write)
+        writing = write is not None
+        write_attn, write_adain = writing and write.uses_attention, writing and write.uses_adain
+        h, skips, temb, written = encoder(sample, timesteps, context, reference, write_attn, write_adain=write_adain)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise ValueError(f"got {len(down_residuals)} down residuals, need {len(skips)}")
@@ -110,7 +116,15 @@ class UNet2DConditionModel(EncoderFields, PretrainedMixin):
         up_attn = attention_settings(self, self.up_block_types, reverse=True)
         layers = per_block(self.layers_per_block, n, "layers_per_block")[::-1]
         channels = self.block_out_channels[::-1]
-        last_attn_block = max([i for i, a in enumerate(up_attn) if a is not None], default=-1)
+        # the write path runs the up blocks up to the last one it writes from, and skips that one's upsampler
+        last = -1
+        if write_attn:
+            last = max([i for i, a in enumerate(up_attn) if a is not None], default=-1)
+        if write_adain:
+            selected = adain_blocks(write, n)
+            last = max([last] + [i for i in range(n) if f"up_blocks_{i}" in selected])
+        if writing and last < 0:
+            return written
         for i in range(n):
             name = f"up_blocks_{i}"
             count = layers[i] + 1
@@ -118,13 +132,11 @@ class UNet2DConditionModel(EncoderFields, PretrainedMixin):
             size = skips[-1].shape[1:3] if (odd_size and i < n - 1) else None
             h, w = UpBlock(channels[i], count, up_attn[i], add_upsample=i < n - 1, groups=self.norm_num_groups,
                            eps=self.norm_eps, dtype=self.dtype, remat=self.gradient_checkpointing, name=name)(
-                h, block_skips, temb, context, child_read(reference, name), write, size,
-                stop_after_attention=write and i == last_attn_block)
-            if write:
+                h, block_skips, temb, context, child_read(reference, name), write_attn, size,
+                stop_after_layers=writing and i == last, write_adain=write_adain)
+            if writing:
                 written[name] = w
-                if i == last_attn_block:
-                    return written  # the reference UNet needs nothing after its last transformer block
-        if write:
-            return written
+                if i == last:
+                    return written  # the reference UNet needs nothing after the last block it writes from
         h = nn.silu(group_norm(self.norm_num_groups, self.norm_eps, self.dtype, "conv_norm_out")(h))
         return conv3x3(self.out_channels, self.dtype, "conv_out")(h)

@@ -1,9 +1,12 @@
 """UNet down / mid / up blocks (diffusers CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn,
 CrossAttnUpBlock2D, UpBlock2D). A block is "cross-attention" when it is given ``AttentionSettings``.
 
-Every block takes an optional :class:`~pmf_jax.reference.ReferenceRead` and a static ``write`` flag (the reference
-UNet's write path, :meth:`UNet2DConditionModel.write_reference`), and returns what its transformers wrote as a dict
-keyed by child name (``{"attentions_j": {"transformer_blocks_k": [B, HW, C]}}``; empty unless ``write``).
+Every block takes an optional :class:`~pmf_jax.reference.ReferenceRead` and static ``write`` / ``write_adain`` flags
+(the reference UNet's write path, :meth:`UNet2DConditionModel.write_reference`), and returns what it wrote as a dict
+keyed by child name: ``{"attentions_j": {"transformer_blocks_k": [B, HW, C]}}`` when ``write`` (its transformers'
+attention entries), ``{"adain_j": {"mean", "var": [B, 1, 1, C]}}`` when ``write_adain`` (reference AdaIN: the
+statistics after layer j of a down/up block, ``"adain"`` after a whole middle block); empty otherwise. A block whose
+read holds such statistics applies them at the same places (:func:`apply_adain`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,12 @@ import jax.numpy as jnp
 from pmf_jax.errors import PMFInputError
 from pmf_jax.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D
 from pmf_jax.models.transformer import Transformer2DModel
-from pmf_jax.reference import ReferenceRead, child_read
+from pmf_jax.parallel.rules import with_logical_constraint
+from pmf_jax.reference import ADAIN, ReferenceRead, child_read
+from pmf_jax.rows import expand_rows
+
+ADAIN_EPS = 1e-6  # the variance floor of diffusers' reference AdaIN
+_STATS_AXES = ("batch", None, None, None)  # AdaIN statistics stay with their batch shard, as the bank does
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +74,48 @@ def _transformer(attn: AttentionSettings, channels: int, groups: int, dtype, nam
                upcast_attention=attn.upcast_attention, attention_backend=attn.backend, dtype=dtype, name=name)
 
 
-def _resnet_and_attention(block, i: int, h, temb, context, reference, write: bool, written: dict):
+def adain_statistics(h):
+    """h [B, H, W, C] -> {"mean", "var"} [B, 1, 1, C] float32: per-channel mean and population variance over the
+    spatial axes (diffusers' ``torch.var_mean(x, dim=(2, 3), correction=0)``)."""
+    x = h.astype(jnp.float32)
+    stats = {"mean": jnp.mean(x, axis=(1, 2), keepdims=True), "var": jnp.var(x, axis=(1, 2), keepdims=True)}
+    return {k: with_logical_constraint(v, _STATS_AXES) for k, v in stats.items()}
+
+
+def apply_adain(h, stats, ref_mix=None):
+    """Reference AdaIN: h [B, H, W, C] renormalised to the reference's per-channel statistics,
+    ``(h − mean(h)) / std(h) · std_ref + mean_ref`` with ``std = sqrt(max(var, 1e-6))``.
+
+    stats: {"mean", "var"} [B', 1, 1, C], B' dividing B (rows matched sample-major, :func:`pmf_jax.rows.expand_rows`).
+    ref_mix: [B] or None: ``out = ref_mix·h + (1 − ref_mix)·adain(h)`` (style_fidelity's unconditional rows, the
+      no-reference rows, reference dropout).
+    """
+    ref = expand_rows(stats, h.shape[0])
+    x = h.astype(jnp.float32)
+    mean, var = jnp.mean(x, axis=(1, 2), keepdims=True), jnp.var(x, axis=(1, 2), keepdims=True)
+    std, std_ref = (jnp.sqrt(jnp.maximum(v, ADAIN_EPS)) for v in (var, ref["var"]))
+    out = (x - mean) / std * std_ref + ref["mean"]
+    if ref_mix is not None:
+        w = ref_mix.astype(jnp.float32)[:, None, None, None]
+        out = w * x + (1 - w) * out
+    return out.astype(h.dtype)
+
+
+def _adain_point(key: str, h, reference: Optional[ReferenceRead], write_adain: bool, written: dict):
+    """One place of reference AdaIN (``key``: "adain_j" after layer j, "adain" after a middle block): records h's
+    statistics into ``written`` (write path), or applies the read's statistics there if it holds some."""
+    if write_adain:
+        written[key] = adain_statistics(h)
+    if reference is not None and key in reference.bank:
+        h = apply_adain(h, reference.bank[key], reference.ref_mix)
+    return h
+
+
+def _resnet_and_attention(block, i: int, h, temb, context, reference, write: bool, written: dict,
+                          write_adain: bool = False):
     """Layer i of a down or up block: ``resnets_i`` then, in a cross-attention block, ``attentions_i`` (whose bank
-    entries go into ``written``). Creates the layers in ``block``'s scope."""
+    entries go into ``written``), then the layer's AdaIN point ``adain_i``. Creates the layers in ``block``'s
+    scope."""
     h = _resnet(block.remat)(block.out_channels, block.groups, eps=block.eps, dtype=block.dtype,
                              name=f"resnets_{i}")(h, temb)
     if block.attn is not None:
@@ -77,7 +124,7 @@ def _resnet_and_attention(block, i: int, h, temb, context, reference, write: boo
             h, context, child_read(reference, name), write)
         if write:
             written[name] = w
-    return h
+    return _adain_point(f"{ADAIN}_{i}", h, reference, write_adain, written)
 
 
 class DownBlock(nn.Module):
@@ -98,10 +145,11 @@ class DownBlock(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, h, temb, context, reference: Optional[ReferenceRead] = None, write: bool = False):
+    def __call__(self, h, temb, context, reference: Optional[ReferenceRead] = None, write: bool = False,
+                 write_adain: bool = False):
         skips, written = (), {}
         for i in range(self.num_layers):
-            h = _resnet_and_attention(self, i, h, temb, context, reference, write, written)
+            h = _resnet_and_attention(self, i, h, temb, context, reference, write, written, write_adain)
             skips += (h,)
         if self.add_downsample:
             h = Downsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
@@ -111,7 +159,8 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-    """resnets_0, then (attentions_i, resnets_{i+1}) x num_layers. h: [B, H, W, C] -> same."""
+    """resnets_0, then (attentions_i, resnets_{i+1}) x num_layers, then the AdaIN point "adain". h: [B, H, W, C] ->
+    same."""
 
     attn: AttentionSettings
     num_layers: int = 1
@@ -122,7 +171,8 @@ class MidBlock(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, h, temb, context, reference: Optional[ReferenceRead] = None, write: bool = False):
+    def __call__(self, h, temb, context, reference: Optional[ReferenceRead] = None, write: bool = False,
+                 write_adain: bool = False):
         channels = h.shape[-1]
         resnet = lambda i: _resnet(self.remat)(channels, self.groups, eps=self.eps,  # noqa: E731
                                                output_scale_factor=self.output_scale_factor, dtype=self.dtype,
@@ -136,14 +186,14 @@ class MidBlock(nn.Module):
             if write:
                 written[name] = w
             h = resnet(i + 1)(h, temb)
-        return h, written
+        return _adain_point(ADAIN, h, reference, write_adain, written), written
 
 
 class UpBlock(nn.Module):
     """(concat skip, resnet (+ transformer)) x num_layers, then an optional 2x upsampler.
 
     skips: the matching down-path outputs, consumed from the end. ``upsample_size``: output (H, W) of the
-    upsampler when the input size is not a multiple of the UNet's total downsampling. ``stop_after_attention``: the
+    upsampler when the input size is not a multiple of the UNet's total downsampling. ``stop_after_layers``: the
     write path's last block skips its upsampler (nothing reads it).
     """
 
@@ -159,12 +209,12 @@ class UpBlock(nn.Module):
     @nn.compact
     def __call__(self, h, skips: Sequence, temb, context, reference: Optional[ReferenceRead] = None,
                  write: bool = False, upsample_size: Optional[Tuple[int, int]] = None,
-                 stop_after_attention: bool = False):
+                 stop_after_layers: bool = False, write_adain: bool = False):
         skips = list(skips)
         written = {}
         for i in range(self.num_layers):
             h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = _resnet_and_attention(self, i, h, temb, context, reference, write, written)
-        if self.add_upsample and not stop_after_attention:
+            h = _resnet_and_attention(self, i, h, temb, context, reference, write, written, write_adain)
+        if self.add_upsample and not stop_after_layers:
             h = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(h, upsample_size)
         return h, written

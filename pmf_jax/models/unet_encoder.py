@@ -83,7 +83,8 @@ class UNetEncoder(EncoderFields):
 
     ``skips``: conv_in's output and one [B, ., ., C] per down-block layer and downsampler (the UNet's skip
     connections, the ControlNet's residual taps). ``conv_in_residual`` ([B, H, W, C0], the ControlNet's conditioning
-    embedding) is added to conv_in's output. ``written``: the bank entries of the down and mid blocks when ``write``.
+    embedding) is added to conv_in's output. ``written``: the bank entries of the down and mid blocks — attention
+    entries when ``write``, AdaIN statistics (of every down block and the mid block) when ``write_adain``.
     """
 
     @classmethod
@@ -110,7 +111,7 @@ class UNetEncoder(EncoderFields):
 
     @nn.compact
     def __call__(self, sample, timesteps, context, reference: Optional[ReferenceRead] = None, write: bool = False,
-                 conv_in_residual=None):
+                 conv_in_residual=None, write_adain: bool = False):
         batch = sample.shape[0]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
         t = timestep_embedding(timesteps, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift)
@@ -128,9 +129,9 @@ class UNetEncoder(EncoderFields):
             h, res, w = DownBlock(self.block_out_channels[i], layers[i], down_attn[i], add_downsample=i < n - 1,
                                   downsample_padding=self.downsample_padding, groups=self.norm_num_groups,
                                   eps=self.norm_eps, dtype=self.dtype, remat=self.gradient_checkpointing, name=name)(
-                h, temb, context, child_read(reference, name), write)
+                h, temb, context, child_read(reference, name), write, write_adain)
             skips += res
-            if write:
+            if write or write_adain:
                 written[name] = w
         heads = per_block(self.num_attention_heads or self.attention_head_dim, n, "attention_head_dim")
         mid_layers = per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
@@ -139,7 +140,7 @@ class UNetEncoder(EncoderFields):
         h, w = MidBlock(mid_attn, groups=self.norm_num_groups, eps=self.norm_eps,
                         output_scale_factor=self.mid_block_scale_factor, dtype=self.dtype,
                         remat=self.gradient_checkpointing, name="mid_block")(
-            h, temb, context, child_read(reference, "mid_block"), write)
-        if write:
+            h, temb, context, child_read(reference, "mid_block"), write, write_adain)
+        if write or write_adain:
             written["mid_block"] = w
         return h, skips, temb, written

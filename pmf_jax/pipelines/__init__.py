@@ -1,6 +1,6 @@
-"""Sampling pipelines: pose retargeting (:class:`RetargetPipeline`) and text-guided enhancement
-(:class:`EnhancePipeline`, InstructPix2Pix), and the retarget pipeline of a training run or config
-(:func:`pipeline_from_run`, :func:`sampling_kwargs`).
+"""Sampling pipelines: pose retargeting (:class:`RetargetPipeline`), text-guided enhancement (:class:`EnhancePipeline`,
+InstructPix2Pix, optionally masked), the two chained (:class:`PMFPipeline`: retarget, then enhance every result), and
+the retarget pipeline of a training run or config (:func:`pipeline_from_run`, :func:`sampling_kwargs`).
 
 Imported lazily, so that ``pmf_jax.pipelines.images`` (PIL/numpy only) loads without JAX.
 """
@@ -12,6 +12,8 @@ _EXPORTS = {
     "EnhancePipeline": "pmf_jax.pipelines.enhance",
     "EnhanceBatch": "pmf_jax.pipelines.enhance",
     "EnhanceStatic": "pmf_jax.pipelines.enhance",
+    "PMFPipeline": "pmf_jax.pipelines.pmf",
+    "PMFOutput": "pmf_jax.pipelines.pmf",
     "SamplingStatic": "pmf_jax.pipelines.base",
     "Programs": "pmf_jax.pipelines.base",
     "MODES": "pmf_jax.pipelines.retarget",

@@ -9,7 +9,9 @@ Three programs per static setting (:meth:`SamplingPipeline.programs`; jitted on 
     ``lax.fori_loop`` (:meth:`~pmf_jax.schedulers.Scheduler.denoise`); without a progress bar it runs once over all
     steps, so the whole denoising loop is one dispatch of one compiled program; with a progress bar the *same*
     program runs one step per call (identical numbers, and no host callback in the program: JAX's persistent cache
-    refuses programs with callbacks, so a ``jax.debug.callback`` bar would make every CLI run recompile);
+    refuses programs with callbacks, so a ``jax.debug.callback`` bar would make every CLI run recompile); a pipeline
+    whose :meth:`SamplingPipeline.after_step` gives a hook for a static setting gets it called after every step (a
+    masked edit's blend), the others run the scheduler's loop untouched;
   * ``epilogue(params, carry) -> output``: VAE decode (or the latents).
 
 What is static (new programs): the scheduler and its number of steps, the guidance layout (rows), the reference
@@ -132,14 +134,31 @@ class SamplingPipeline:
         x = (x_T * state.init_noise_sigma).astype(x_T.dtype)
         return (state, x), self.precompute(static, params, batch, scalars)
 
+    def after_step(self, static) -> Optional[Callable]:
+        """The per-step seam of the loop: None (the default: the loop is the scheduler's own ``fori_loop``, untouched),
+        or ``hook(params, batch, scalars, extras, carry) -> carry``, called after every step with ``carry`` =
+        (scheduler state advanced past the step, x [N, h, w, C]); what it returns starts the next step (e.g. a
+        masked edit blending the kept region back in: :class:`~pmf_jax.pipelines.EnhancePipeline`). Decided per
+        static setting; whatever it reads is traced (batch, scalars, extras), so it compiles once like the rest."""
+        return None
+
     def loop(self, static, params, batch, scalars, extras, carry, start, stop):
-        """Denoising steps [start, stop) (traced bounds) of :meth:`model_fn` -> the carry."""
+        """Denoising steps [start, stop) (traced bounds) of :meth:`model_fn` -> the carry; with an
+        :meth:`after_step` hook, each step is the scheduler's own one-step loop followed by the hook."""
         keys = noise_lib.row_keys(batch.seeds, batch.rows)
 
         def model(x, t):
             return self.model_fn(static, params, batch, scalars, extras, x, t)
 
-        return static.scheduler.denoise(model, carry, start, stop, keys=keys)
+        hook = self.after_step(static)
+        if hook is None:
+            return static.scheduler.denoise(model, carry, start, stop, keys=keys)
+
+        def body(i, carry):  # step i exactly as denoise runs it (its noise stream included), then the hook
+            carry = static.scheduler.denoise(model, carry, i, i + 1, keys=keys)
+            return hook(params, batch, scalars, extras, carry)
+
+        return jax.lax.fori_loop(start, stop, body, carry)
 
     def epilogue(self, static, params, carry):
         """-> images [N, H, W, 3] in [0, 1] (VAE decode), or the latents [N, h, w, C] for output_type "latent"."""

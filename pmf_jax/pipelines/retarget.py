@@ -269,7 +269,8 @@ class RetargetPipeline(SamplingPipeline):
 
     def write_bank(self, static: RetargetStatic, params, batch: RetargetBatch, ref_latents, t):
         """The reference bank for timestep t ([] int or float), every entry repeated to the G guidance rows:
-        [N·G, L, C]. The writer is the reference UNet (mode "acm") or the denoising UNet (mode "reference_only")."""
+        [N·G, L, C] (AdaIN statistics [N·G, 1, 1, C]: the entries ``reference.method`` reads). The writer is the
+        reference UNet (mode "acm") or the denoising UNet (mode "reference_only")."""
         cfg_ref, sched, rows = static.reference, static.scheduler, batch.rows
         writer, p_writer = ((self.reference_unet, params["reference"]) if self.mode == "acm"
                             else (self.unet, params["unet"]))
@@ -283,7 +284,8 @@ class RetargetPipeline(SamplingPipeline):
             return sched.add_noise(x0, eps, jnp.round(tt).astype(jnp.int32))
 
         latents, t_write = write_inputs(cfg_ref, ref_latents, jnp.full((rows.shape[0],), t), noise, add_noise)
-        bank = writer.apply({"params": p_writer}, latents, t_write, batch.ref_context, method=writer.write_reference)
+        bank = writer.apply({"params": p_writer}, latents, t_write, batch.ref_context, cfg_ref,
+                            method=writer.write_reference)
         return jax.tree_util.tree_map(lambda b: rows_lib.repeat_rows(b, static.rows), bank)
 
     def model_fn(self, static: RetargetStatic, params, batch: RetargetBatch, scalars, extras, x, t):

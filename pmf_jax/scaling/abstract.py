@@ -141,7 +141,7 @@ def abstract_run(cfg) -> AbstractRun:
         return params, frozen
 
     params, frozen = jax.eval_shape(build, jax.random.key(0))
-    comps = found["components"].for_mode(cfg.reference.mode)
+    comps = found["components"]
     trainable = {part: params[part] for part in comps.trainable}
     frozen_params = {part: p for part, p in params.items() if part not in comps.trainable}
     tx = make_optimizer(cfg.train)

@@ -6,7 +6,7 @@
 
 The same computation as :class:`pmf_jax.pipelines.RetargetPipeline` (modes, guidance rows, reference bank written
 by the reference UNet from the source latent and read through
-:mod:`pmf_jax.torch_compat.reference_attention`), so both give the same images from the same initial noise. What it
+:mod:`pmf_jax.torch_compat.reference_attention`: reference attention, reference AdaIN in the UNet), so both give the same images from the same initial noise. What it
 does not do: pose detection, keypoint rendering and aspect-preserving fitting (give a source image and an OpenPose
 skeleton image; both are resized to ``height`` x ``width``, default the source's size), and it draws noise with
 torch generators (pass ``latents`` to reproduce a JAX run).
@@ -35,7 +35,8 @@ from pmf_jax.pipelines.defaults import sampling_defaults
 from pmf_jax.pipelines.images import load_image
 from pmf_jax.reference import ReferenceConfig
 from pmf_jax.schedulers import SCHEDULERS
-from pmf_jax.torch_compat.reference_attention import ReferenceState, install_reference_attention
+from pmf_jax.torch_compat.reference_attention import (ReferenceState, install_reference_adain,
+                                                      install_reference_attention)
 
 
 class PatchAutoencoder(torch.nn.Module):
@@ -98,6 +99,8 @@ class PMFTorchPipeline:
         for model in (unet, controlnet, reference_unet):
             if model is not None:
                 install_reference_attention(model, self.state)
+                if model is not controlnet:  # the ControlNet reads attention entries only
+                    install_reference_adain(model, self.state)
 
     @classmethod
     def from_pretrained(cls, folder, *, controlnet=None, reference_unet=None, mode: Optional[str] = None,
@@ -263,12 +266,12 @@ class PMFTorchPipeline:
         fixed_bank = None
         if reference is not None and reference.reference_timestep == "zero":
             fixed_bank = self._write_bank(reference, ref_latents, pos, torch.zeros((), dtype=torch.long), g,
-                                          generator)
+                                          generator)   # (attention bank, AdaIN statistics)
         for t in self.scheduler.timesteps:
             x_in = self.scheduler.scale_model_input(x, t)
             rows = x_in.repeat_interleave(g, dim=0)
             if reference is not None:
-                self.state.bank = fixed_bank if fixed_bank is not None else self._write_bank(
+                self.state.bank, self.state.adain = fixed_bank if fixed_bank is not None else self._write_bank(
                     reference, ref_latents, pos, t, g, generator)
                 flags = torch.tensor([1.0, 0.0] if g == 2 else [1.0, 0.0, 1.0]).repeat(n)
                 self.state.read(reference, **({"uncond_mask": flags} if g == 2 else {"ref_mix": flags}))
@@ -286,7 +289,7 @@ class PMFTorchPipeline:
                 u, c, a = eps[:, 0], eps[:, 1], eps[:, 2]
                 guided = u + guidance_scale * (a - u) + appearance_guidance_scale * (c - a)
             x = self.scheduler.step(guided.to(x.dtype), t, x, **step_kwargs).prev_sample
-        self.state.bank = {}
+        self.state.bank, self.state.adain = {}, {}
         if output_type == "latent":
             return x
         images = self.decode_latents(x).permute(0, 2, 3, 1).cpu().numpy()
@@ -295,7 +298,8 @@ class PMFTorchPipeline:
         return [Image.fromarray(np.round(im * 255).astype(np.uint8)) for im in images]
 
     def _write_bank(self, reference: ReferenceConfig, ref_latents, ref_context, t, rows: int, generator):
-        """The bank written at timestep t (0 for reference_timestep "zero"), each entry repeated to the G rows."""
+        """``(bank, AdaIN statistics)`` written at timestep t (0 for reference_timestep "zero"), each entry repeated
+        to the G rows."""
         t_ref = torch.zeros_like(torch.as_tensor(t)) if reference.reference_timestep == "zero" else t
         latents = ref_latents
         if reference.noise_reference:
@@ -305,8 +309,9 @@ class PMFTorchPipeline:
         self.state.write()
         writer(latents, t_ref, ref_context)
         bank = {name: h.repeat_interleave(rows, dim=0) for name, h in self.state.bank.items()}
+        adain = {key: tuple(s.repeat_interleave(rows, dim=0) for s in stats) for key, stats in self.state.adain.items()}
         self.state.off()
-        return bank
+        return bank, adain
 
 
 __all__ = ["PMFTorchPipeline", "PatchAutoencoder", "make_scheduler"]

@@ -1,12 +1,17 @@
-"""Reference attention for diffusers PyTorch models: the same write/read semantics as :mod:`pmf_jax.reference`.
+"""Reference attention and reference AdaIN for diffusers PyTorch models: the same write/read semantics as
+:mod:`pmf_jax.reference`.
 
 Install processors on the self-attention (``attn1``) of every transformer block of a UNet or ControlNet; a shared
 :class:`ReferenceState` says whether they write (store ``norm1(x)``, the processor's input) or read
-(K, V from ``cat([norm1(x), bank], dim=1)``, projected by the block's own to_k/to_v).
+(K, V from ``cat([norm1(x), bank], dim=1)``, projected by the block's own to_k/to_v). Reference AdaIN
+(:func:`install_reference_adain`, UNets only): forward hooks after every layer of the down and up blocks (the
+transformer of a cross-attention block's layer, else its resnet) and after the mid block write the per-channel mean
+and variance of the hidden states, or renormalise them to the written ones.
 
     state = ReferenceState()
-    install_reference_attention(reference_unet, state)
-    install_reference_attention(unet, state)
+    for model in (reference_unet, unet):
+        install_reference_attention(model, state)
+        install_reference_adain(model, state)
     state.write(); reference_unet(ref_latents, t, ctx)
     state.read(config, ref_mix=None); unet(x, t, ctx)
 """
@@ -14,33 +19,41 @@ Install processors on the self-attention (``attn1``) of every transformer block 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from pmf_jax.reference import ReferenceConfig, reading_blocks
+from pmf_jax.reference import ADAIN, ReferenceConfig, adain_reading, reading_blocks
+
+ADAIN_EPS = 1e-6  # as pmf_jax.models.unet_blocks.ADAIN_EPS (diffusers' reference AdaIN)
 
 
 @dataclasses.dataclass
 class ReferenceState:
-    """Shared by every processor: the mode, the bank {block path: [B, HW, C]} and the read settings."""
+    """Shared by every processor and hook: the mode, the bank {block path: [B, HW, C]}, the AdaIN statistics
+    {(block, "adain_j" | "adain"): (mean, var) [B, C, 1, 1]} and the read settings."""
 
     mode: str = "off"  # "off" | "write" | "read"
     bank: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     reading: Optional[set] = None  # block paths that read; None = every block with a bank entry
-    ref_mix: Optional[torch.Tensor] = None  # [B]: 1 = plain attention, 0 = read
+    ref_mix: Optional[torch.Tensor] = None  # [B]: 1 = plain model, 0 = read
+    adain: Dict[Tuple[str, str], Tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    adain_reading: Optional[set] = None  # AdaIN keys applied; None = every written one
 
     def write(self):
-        self.mode, self.bank = "write", {}
+        self.mode, self.bank, self.adain = "write", {}, {}
 
     def read(self, config: Optional[ReferenceConfig] = None, ref_mix=None, uncond_mask=None):
+        """Read mode; ``config`` selects the reading blocks and AdaIN places as :func:`pmf_jax.reference.select_bank`
+        does (None: every written entry)."""
         self.mode = "read"
-        self.reading = None
+        self.reading = self.adain_reading = None
         if config is not None:
             paths = {_flax_path(name): name for name in self.bank}
             entries = [(path, self.bank[name].shape[-1]) for path, name in paths.items()]
-            self.reading = {paths[p] for p in reading_blocks(entries, config)}
+            self.reading = {paths[p] for p in reading_blocks(entries, config)} if config.uses_attention else set()
+            self.adain_reading = adain_reading(self.adain, config) if config.uses_adain else set()
             if uncond_mask is not None and config.style_fidelity > 0:
                 style = config.style_fidelity * torch.as_tensor(uncond_mask, dtype=torch.float32)
                 ref_mix = style if ref_mix is None else 1 - (1 - torch.as_tensor(ref_mix).float()) * (1 - style)
@@ -93,6 +106,58 @@ class ReferenceAttnProcessor:
             w = state.ref_mix.to(out.dtype).view(-1, 1, 1)
             out = w * plain() + (1 - w) * out
         return out
+
+
+def _adain(hidden, mean_ref, var_ref, ref_mix):
+    """Reference AdaIN of hidden [B, C, H, W] to the statistics [B', C, 1, 1] (B' dividing B, sample-major rows);
+    ref_mix [B] or None blends the plain hidden states back in."""
+    if mean_ref.shape[0] != hidden.shape[0]:
+        repeat = hidden.shape[0] // mean_ref.shape[0]
+        mean_ref, var_ref = (r.repeat_interleave(repeat, dim=0) for r in (mean_ref, var_ref))
+    x = hidden.float()
+    var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+    std, std_ref = (torch.clamp(v.float(), min=ADAIN_EPS).sqrt() for v in (var, var_ref))
+    out = (x - mean) / std * std_ref + mean_ref.float()
+    if ref_mix is not None:
+        w = ref_mix.to(out.dtype).view(-1, 1, 1, 1)
+        out = w * x + (1 - w) * out
+    return out.to(hidden.dtype)
+
+
+def _adain_hook(key: Tuple[str, str], state: ReferenceState):
+    """A forward hook for the module whose output is AdaIN place ``key``: records or renormalises that output
+    (a tensor, or a diffusers output tuple whose first element is the hidden states)."""
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if state.mode == "write":
+            var, mean = torch.var_mean(hidden.float(), dim=(2, 3), keepdim=True, correction=0)
+            state.adain[key] = (mean, var)
+            return None
+        stats = state.adain.get(key) if state.mode == "read" else None
+        if stats is None or (state.adain_reading is not None and key not in state.adain_reading):
+            return None
+        hidden = _adain(hidden, *stats, state.ref_mix)
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    return hook
+
+
+def install_reference_adain(unet, state: ReferenceState) -> int:
+    """Forward hooks for reference AdaIN on a diffusers UNet2DConditionModel: after layer j of every down and up block
+    (``attentions[j]`` in a cross-attention block, else ``resnets[j]``; key ``(block, "adain_j")``) and after the mid
+    block (``("mid_block", "adain")``). Returns the number of places hooked."""
+    if not hasattr(unet, "up_blocks"):
+        raise TypeError(f"reference AdaIN hooks a UNet (down, mid and up blocks), not a {type(unet).__name__}")
+    count = 0
+    for kind in ("down_blocks", "up_blocks"):
+        for i, block in enumerate(getattr(unet, kind)):
+            layers = getattr(block, "attentions", None) or block.resnets
+            for j, layer in enumerate(layers):
+                layer.register_forward_hook(_adain_hook((f"{kind}_{i}", f"{ADAIN}_{j}"), state))
+                count += 1
+    unet.mid_block.register_forward_hook(_adain_hook(("mid_block", ADAIN), state))
+    return count + 1
 
 
 def install_reference_attention(model, state: ReferenceState) -> int:

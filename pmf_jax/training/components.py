@@ -2,8 +2,9 @@
 
 Parts: ``unet`` (denoising UNet), ``reference_unet`` (the ACM's writer), ``controlnet`` (pose ControlNet, stage 2),
 the autoencoder (SD VAE, or the identity in pixel space) and the text context (CLIP on the empty prompt, or zeros
-for prompt-free tiny models). Stage 1 trains ``reference_unet``; stage 2 trains ``reference_unet`` + ``controlnet``;
-``train.trainable`` overrides (a tiny model with no pretrained base trains all three).
+for prompt-free tiny models). ``train.trainable`` names the parts that train; empty, the design's recipe by stage
+(:func:`trainable_parts`: stage 1 the ACM, stage 2 the ControlNet). In ``reference.mode=reference_only`` there is no
+``reference_unet`` part: the denoising UNet writes the bank, in training as at inference (:attr:`Components.writer`).
 """
 
 from __future__ import annotations
@@ -41,18 +42,15 @@ class Components:
     noise_scheduler: Any
     trainable: Tuple[str, ...]
     context_shape: Tuple[int, int]  # [T, D] of the (empty-prompt) text context
+    #: the part whose parameters write the bank: "reference_unet" (mode acm) or "unet" (reference_only, where
+    #: ``reference_unet`` is the denoising UNet's module and has no parameters of its own).
+    writer: str = "reference_unet"
 
     @staticmethod
     def check_mode(mode: str) -> None:
         if mode == "controlnet_only":
             raise PMFInputError("reference.mode=controlnet_only has no reference bank to train; train with acm or "
                                 "reference_only (controlnet_only is a sampling mode, e.g. for pmf eval generate)")
-
-    def for_mode(self, mode: str) -> "Components":
-        """The parts a train step runs for ``reference.mode``: in reference_only the denoising UNet itself writes the
-        bank (the one place this is decided for training and planning)."""
-        Components.check_mode(mode)
-        return dataclasses.replace(self, reference_unet=self.unet) if mode == "reference_only" else self
 
     def encode(self, ae_params, images):
         """images [B, H, W, 3] in [-1, 1] -> latents [B, h, w, C] float32 for the UNet
@@ -62,13 +60,20 @@ class Components:
         return vae_encode(self.autoencoder, ae_params, images)
 
 
-def trainable_parts(train_cfg) -> Tuple[str, ...]:
+def trainable_parts(train_cfg, mode: str = "acm") -> Tuple[str, ...]:
+    """``train.trainable``, checked; empty: the design's recipe, stage 1 the ACM (``reference_unet``; the ``unet`` in
+    reference_only, where it writes the bank), stage 2 the pose ControlNet alone (everything else frozen)."""
     if train_cfg.trainable:
         bad = [p for p in train_cfg.trainable if p not in PARTS]
         if bad:
             raise PMFInputError(f"config train.trainable has unknown parts {bad}; parts: {list(PARTS)}")
+        if mode == "reference_only" and "reference_unet" in train_cfg.trainable:
+            raise PMFInputError(f"config train.trainable={list(train_cfg.trainable)} names reference_unet, but in "
+                                f"reference.mode=reference_only the denoising UNet writes the bank: train unet")
         return tuple(train_cfg.trainable)
-    return ("reference_unet",) if train_cfg.stage == 1 else ("reference_unet", "controlnet")
+    if train_cfg.stage == 2:
+        return ("controlnet",)
+    return ("unet",) if mode == "reference_only" else ("reference_unet",)
 
 
 def _read_json(path: str) -> dict:
@@ -110,7 +115,8 @@ def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Compo
     Components.check_mode(cfg.reference.mode)
     m = cfg.model
     dtype = jnp.dtype(m.dtype)
-    trainable = trainable_parts(cfg.train)
+    mode = cfg.reference.mode
+    trainable = trainable_parts(cfg.train, mode)
     params: Dict[str, Any] = {}
     rng_unet, rng_cn = jax.random.split(rng)
     kw = dict(dtype=dtype, attention_backend=m.attention_backend, gradient_checkpointing=cfg.train.remat)
@@ -122,7 +128,12 @@ def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Compo
     else:
         raise PMFInputError("config model.base (an SD folder/repo) or model.unet_config (a UNet config.json for a "
                             "randomly initialised model) must be set")
-    if m.reference_unet:
+    if mode == "reference_only":  # the denoising UNet writes its own bank
+        if m.reference_unet:
+            raise PMFInputError(f"config model.reference_unet={m.reference_unet!r} is used by reference.mode=acm "
+                                f"only; in reference_only the denoising UNet writes the bank (set it to null)")
+        ref_unet = unet
+    elif m.reference_unet:
         ref_unet, params["reference_unet"] = source.model(*_part_of(m.reference_unet, "reference_unet"),
                                                           param_dtype=jnp.float32, **kw)
     else:  # the ACM starts as a copy of the base UNet (MagicPose)
@@ -142,7 +153,7 @@ def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Compo
     base_schedule = source.scheduler_config(m) if m.base else None
     noise_scheduler = make_scheduler("ddpm", noise_schedule_config(cfg, base_schedule))
     components = Components(unet, ref_unet, controlnet, autoencoder, noise_scheduler, trainable,
-                            tuple(context.shape[1:]))
+                            tuple(context.shape[1:]), writer="unet" if mode == "reference_only" else "reference_unet")
     # What trains is stored in model.param_dtype, what is frozen in model.frozen_param_dtype.
     frozen_dtype, param_dtype = jnp.dtype(m.frozen_param_dtype), jnp.dtype(m.param_dtype)
     for part in params:

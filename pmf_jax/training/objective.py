@@ -1,7 +1,7 @@
 """The PMF training loss: denoise the target latent given the source (through the reference bank) and the pose.
 
     x0 = E(target), r = E(source), t ~ U{0..T-1}, x_t = add_noise(x0, ε, t)
-    bank = reference_unet.write(r [noised to t if configured], t or 0)
+    bank = writer.write(r [noised to t if configured], t or 0)         writer: the reference UNet, or the UNet itself
     residuals = controlnet(x_t, t, pose [, bank])                      (stage 2)
     pred = unet(x_t, t, ctx, residuals, reference=read(bank, drop))    drop: per-sample reference dropout
     loss = mean_b w_b · mean((pred − target_b)²)                         target ε, v or x0; w: min-SNR-γ (optional)
@@ -46,7 +46,7 @@ def pmf_loss(params: Dict[str, Any], frozen: Dict[str, Any], batch: Dict[str, ja
 
     ref_in, ref_t = write_inputs(reference_cfg, ref_latents, t, jax.random.normal(k_ref_noise, ref_latents.shape),
                                  sched.add_noise)
-    bank = c.reference_unet.apply({"params": params["reference_unet"]}, ref_in, ref_t, context,
+    bank = c.reference_unet.apply({"params": params[c.writer]}, ref_in, ref_t, context, reference_cfg,
                                   method=c.reference_unet.write_reference)
     # Reference dropout for appearance guidance: dropped rows attend plainly (ref_mix = 1).
     ref_mix = (jax.random.uniform(k_drop, (b,)) < train_cfg.reference_drop_prob).astype(jnp.float32)

@@ -38,7 +38,7 @@ def cfg(tmp_path_factory):
     path = tmp_path_factory.mktemp("scaling") / "unet.json"
     path.write_text(json.dumps(UNET))
     return load_config(CONFIG, [f"model.unet_config={path}", "data.resolution=[32,48]", "mesh.min_shard_size=256",
-                              "train.trainable=[]"])  # stage 2: the reference UNet and the ControlNet train
+                              "train.trainable=[reference_unet,controlnet]"])  # MagicPose's joint stage 2
 
 
 @pytest.fixture(scope="module")
