@@ -74,6 +74,11 @@ class ModelConfig(_Section):
     pixel_patch_size: int = _field(1, check=_POSITIVE, doc="autoencoder=identity: fold p x p pixels into channels")
     unet_config: Optional[str] = _field(None, doc="with base null: a UNet config.json to initialise randomly (tiny runs)")
     text_encoder: bool = _field(True, doc="encode the (empty) prompt with base's CLIP; false: one zeros token")
+    ip_adapter: Optional[str] = _field(None, doc="IP-Adapter weight file (local, or owner/repo/path in the Hugging "
+                                                 "Face cache): reference.mode=ip_adapter, or with acm / "
+                                                 "reference_only; null: none")
+    image_encoder: Optional[str] = _field(None, doc="its CLIP image encoder folder (local or owner/repo/path); null: "
+                                                    "image_encoder/ beside the ip_adapter file")
     allow_pickle: bool = _field(False, doc="also read pickled torch weights (.bin/.ckpt) of the folders above, which "
                                            "can run arbitrary code (python -m train --allow-pickle sets it)")
 
@@ -198,6 +203,8 @@ class SamplingConfig(_Section):
                                                        doc="separate appearance guidance (3 guidance rows): the "
                                                            "pipeline's appearance_guidance_scale; null: off (2 rows)")
     controlnet_scale: float = _field(1.0, check=_NON_NEGATIVE)
+    ip_adapter_scale: float = _field(constants.DEFAULT_IP_ADAPTER_SCALE,
+                                     doc="weight of the IP-Adapter image prompt (model.ip_adapter)")
     seed: int = _field(0)
 
 

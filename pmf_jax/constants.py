@@ -9,9 +9,11 @@ from __future__ import annotations
 # How a retarget pipeline gets the reference bank (docs/architecture.md, "Modes"):
 #   acm             a separate reference UNet (the trained Appearance Control Module) writes it;
 #   reference_only  the denoising UNet's own weights write it (training-free, stock SD1.5);
-#   controlnet_only no reference at all: a plain OpenPose ControlNet pipeline.
-MODES = ("acm", "reference_only", "controlnet_only")
+#   controlnet_only no reference at all: a plain OpenPose ControlNet pipeline;
+#   ip_adapter      no reference bank: ControlNet + IP-Adapter, the source image as the image prompt (Method 2).
+MODES = ("acm", "reference_only", "controlnet_only", "ip_adapter")
 DEFAULT_MODE = "acm"
+DEFAULT_IP_ADAPTER_SCALE = 1.0  # diffusers' scale after load_ip_adapter
 
 # How a target pose is read (pmf_jax.pose.inputs.resolve_pose):
 #   auto       a .json file is OpenPose keypoints, an image that looks like an OpenPose skeleton is used as is, any

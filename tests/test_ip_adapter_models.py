@@ -21,15 +21,14 @@ from pmf_jax.models.clip_vision import CLIPVisionModelWithProjection, CLIPVision
 from pmf_jax.models.image_projection import ImageProjection, IPAdapterPlusImageProjection
 from pmf_jax.models.unet import UNet2DConditionModel
 from pmf_jax.scaling.abstract import SD15_UNET
+from ip_adapter_fixtures import (EMBED, PLUS_HIDDEN, TOKENS, diffusers_cross_attentions, load_into_diffusers, nested,
+                                 public_state, tiny_vision_config, torch_vision)
 from tiny_sd import CLIP_DIM, UNET
 
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
 TOL = 1e-4
-EMBED = 24      # the tiny image encoder's projection_dim (IP-Adapter's input) and hidden size for Plus's input
-PLUS_HIDDEN = 128  # 2 heads of 64 (diffusers reads heads = to_q rows / 64)
-TOKENS = 4      # diffusers builds every (non-Plus) IP-Adapter with 4 tokens
 # A tiny UNet with cross-attention in every block, two transformer layers in the second level (and so in the mid
 # block): 17 attn2 layers of two widths, numbered 1, 3, ..., 33 by diffusers.
 IP_UNET = dict(UNET, down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
@@ -44,22 +43,6 @@ def count(tree) -> int:
 
 
 # ---- (a) the image encoder -----------------------------------------------------------------------------------------
-
-def tiny_vision_config(**overrides):
-    config = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, image_size=30,
-                  patch_size=6, projection_dim=EMBED, hidden_act="gelu")
-    config.update(overrides)
-    return transformers.CLIPVisionConfig(**config)
-
-
-def torch_vision(config, seed=0):
-    torch.manual_seed(seed)
-    model = transformers.CLIPVisionModelWithProjection(config).eval()
-    with torch.no_grad():  # norms and biases off their init values, so every tensor matters
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
 
 @pytest.mark.parametrize("hidden_act", ["gelu", "quick_gelu"])
 def test_vision_encoder_parity_and_round_trip(hidden_act, tmp_path):
@@ -171,75 +154,9 @@ def test_preprocess_matches_clip_image_processor(tmp_path):
 
 # ---- (c) image projections and (d) the attention kernels, through diffusers' own loader ----------------------------
 
-def rand(rng, shape, name):
-    if name.endswith("weight") and len(shape) == 1:
-        return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)  # LayerNorm scales
-    fan_in = shape[-1] if len(shape) == 2 else 1
-    return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
-
-
-def image_proj_shapes(kind, width=CLIP_DIM):
-    """The public key layout of ``image_proj`` (the original IP-Adapter code's module names), torch shapes, written
-    out here independently of our modules."""
-    if kind == "ip_adapter":
-        return {"proj.weight": (TOKENS * width, EMBED), "proj.bias": (TOKENS * width,), "norm.weight": (width,),
-                "norm.bias": (width,)}
-    h = PLUS_HIDDEN
-    shapes = {"latents": (1, TOKENS, h), "proj_in.weight": (h, EMBED), "proj_in.bias": (h,),
-              "proj_out.weight": (width, h), "proj_out.bias": (width,), "norm_out.weight": (width,),
-              "norm_out.bias": (width,)}
-    for i in range(4):
-        for norm in ("norm1", "norm2"):
-            shapes.update({f"layers.{i}.0.{norm}.weight": (h,), f"layers.{i}.0.{norm}.bias": (h,)})
-        shapes.update({f"layers.{i}.0.to_q.weight": (h, h), f"layers.{i}.0.to_kv.weight": (2 * h, h),
-                       f"layers.{i}.0.to_out.weight": (h, h), f"layers.{i}.1.0.weight": (h,),
-                       f"layers.{i}.1.0.bias": (h,), f"layers.{i}.1.1.weight": (4 * h, h),
-                       f"layers.{i}.1.3.weight": (h, 4 * h)})
-    return shapes
-
-
 def diffusers_unet(config=IP_UNET):
     torch.manual_seed(0)
     return diffusers.UNet2DConditionModel(**config).eval()
-
-
-def load_into_diffusers(unet, adapter):
-    """diffusers' public loader (``pipeline.load_ip_adapter``: its file reader, key conversion, modules, processors)
-    on a pipeline around ``unet``; ``adapter``: a safetensors path or a nested state dict."""
-    pipe = diffusers.StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet,
-                                             scheduler=diffusers.DDIMScheduler(steps_offset=1, clip_sample=False),
-                                             safety_checker=None, feature_extractor=None, image_encoder=None,
-                                             requires_safety_checker=False)
-    if isinstance(adapter, dict):
-        pipe.load_ip_adapter(adapter, subfolder="", weight_name="", image_encoder_folder=None, low_cpu_mem_usage=False)
-    else:
-        pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder=None,
-                             low_cpu_mem_usage=False, local_files_only=True)
-    return unet
-
-
-def diffusers_cross_attentions(unet):
-    """[(processor name without .processor, inner width)] of the attn2 processors, in attn_processors order."""
-    return [(name[:-len(".processor")], unet.get_submodule(name[:-len(".processor")]).to_k.out_features)
-            for name in unet.attn_processors if name.endswith("attn2.processor")]
-
-
-def public_state(kind, unet, seed=0):
-    """A random adapter in the public flat key format for ``unet``'s cross-attentions (numbered 1, 3, ...)."""
-    rng = np.random.default_rng(seed)
-    state = {f"image_proj.{k}": rand(rng, shape, k) for k, shape in image_proj_shapes(kind).items()}
-    for i, (_, inner) in enumerate(diffusers_cross_attentions(unet)):
-        for name in ("to_k_ip", "to_v_ip"):
-            state[f"ip_adapter.{2 * i + 1}.{name}.weight"] = rand(rng, (inner, CLIP_DIM), name)
-    return state
-
-
-def nested(state):
-    out = {"image_proj": {}, "ip_adapter": {}}
-    for key, value in state.items():
-        group, rest = key.split(".", 1)
-        out[group][rest] = torch.from_numpy(value)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +181,7 @@ def test_adapter_against_diffusers(kind, ip_unet, tmp_path):
         assert (module.heads, module.depth, module.hidden_dims, module.embed_dims) == (2, 4, PLUS_HIDDEN, EMBED)
 
     # diffusers reads the same file.
-    unet = load_into_diffusers(diffusers_unet(), path)
+    unet = load_into_diffusers(diffusers_unet(), path).unet
     oracle = unet.encoder_hid_proj.image_projection_layers[0]
     rng = np.random.default_rng(5)
     features = rng.standard_normal((2, EMBED) if kind == "ip_adapter" else (2, 7, EMBED)).astype(np.float32)

@@ -137,6 +137,9 @@ class Attention(nn.Module):
     Self-attention when ``context`` is None, else cross-attention to ``context``.
     ``kv_extra`` ([B, L2, C], same width as the query input) is concatenated after the keys/values' own input
     along the sequence axis and projected by the same to_k/to_v: the reference-attention read.
+    ``ip_tokens`` ([B, N, Cc]) with ``ip_scale`` (a scalar, may be traced): IP-Adapter's decoupled cross-attention,
+    ``attn(q, K, V) + ip_scale · attn(q, to_k_ip(ip), to_v_ip(ip))`` before ``to_out_0`` (same queries and heads;
+    ``to_k_ip``/``to_v_ip`` have no bias).
     """
 
     heads: int
@@ -148,7 +151,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context=None, kv_extra=None):
+    def __call__(self, x, context=None, kv_extra=None, ip_tokens=None, ip_scale=None):
         # x: [B, L, C]; context: [B, T, Cc] or None.
         inner = self.heads * self.dim_head
         dense = functools.partial(nn.Dense, inner, use_bias=self.qkv_bias, dtype=self.dtype)
@@ -160,5 +163,12 @@ class Attention(nn.Module):
         v = dense(name="to_v")(kv_in)
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.dim_head)  # noqa: E731
         out = dot_product_attention(split(q), split(k), split(v), backend=self.backend, upcast=self.upcast)
+        if ip_tokens is not None:
+            ip_tokens = ip_tokens.astype(self.dtype)
+            k_ip = dense(name="to_k_ip", use_bias=False)(ip_tokens)
+            v_ip = dense(name="to_v_ip", use_bias=False)(ip_tokens)
+            ip_out = dot_product_attention(split(q), split(k_ip), split(v_ip), backend=self.backend,
+                                           upcast=self.upcast)
+            out = out + jnp.asarray(ip_scale, jnp.float32).astype(ip_out.dtype) * ip_out
         out = out.reshape(out.shape[0], out.shape[1], inner)
         return nn.Dense(self.out_dim or x.shape[-1], dtype=self.dtype, name="to_out_0")(out)

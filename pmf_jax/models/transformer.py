@@ -6,6 +6,9 @@ hidden states that enter its self-attention (after ``norm1``), [B, HW, C]. A blo
 self-attention with K, V projected by its own to_k/to_v from ``concat([norm1(x), bank], axis=1)``. Its ``ref_mix``
 ([B] in [0, 1]) blends per row: ``out = ref_mix·plain + (1 − ref_mix)·read`` (reference-only's style_fidelity on the
 unconditional rows, reference dropout).
+
+Image prompt (IP-Adapter, :mod:`pmf_jax.models.image_prompt`): a block given an ``ImagePrompt`` (tokens [B', N, D],
+a scalar scale) adds ``scale · attn(q, to_k_ip(tokens), to_v_ip(tokens))`` to its cross-attention ``attn2``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import jax.numpy as jnp
 
 from pmf_jax.models.attention import Attention
 from pmf_jax.models.blocks import conv1x1, group_norm
+from pmf_jax.models.image_prompt import ImagePrompt
 from pmf_jax.parallel.rules import with_logical_constraint
 from pmf_jax.reference import ReferenceRead, child_read
 from pmf_jax.rows import expand_rows
@@ -61,7 +65,8 @@ class BasicTransformerBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, reference: Optional[ReferenceRead] = None, write: bool = False):
+    def __call__(self, x, context, reference: Optional[ReferenceRead] = None, write: bool = False,
+                 image_prompt: Optional[ImagePrompt] = None):
         attn = lambda name: Attention(self.heads, self.dim_head, upcast=self.upcast_attention,  # noqa: E731
                                       backend=self.attention_backend, dtype=self.dtype, name=name)
         h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm1")(x)
@@ -78,7 +83,11 @@ class BasicTransformerBlock(nn.Module):
                 a = w * attn1(h) + (1 - w) * a
         x = x + a
         h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm2")(x)
-        x = x + attn("attn2")(h, context)
+        if image_prompt is None:
+            x = x + attn("attn2")(h, context)
+        else:
+            x = x + attn("attn2")(h, context, ip_tokens=expand_rows(image_prompt.tokens, h.shape[0]),
+                                  ip_scale=image_prompt.scales)
         h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm3")(x)
         x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(h)
         return x, written
@@ -88,7 +97,7 @@ class Transformer2DModel(nn.Module):
     """GroupNorm -> proj_in -> transformer blocks -> proj_out, plus the residual. x: [B, H, W, C] -> same.
 
     ``reference``: a :class:`~pmf_jax.reference.ReferenceRead` of {"transformer_blocks_k": [B', HW, C]} (missing keys:
-    that block does not read).
+    that block does not read). ``image_prompt``: an ``ImagePrompt`` whose scale (a scalar) every block's attn2 uses.
     Returns (x, written) with written = {"transformer_blocks_k": [B, HW, C]} when ``write`` else {}.
     """
 
@@ -103,7 +112,8 @@ class Transformer2DModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, reference: Optional[ReferenceRead] = None, write: bool = False):
+    def __call__(self, x, context, reference: Optional[ReferenceRead] = None, write: bool = False,
+                 image_prompt: Optional[ImagePrompt] = None):
         b, hgt, wid, channels = x.shape
         inner = self.heads * self.dim_head
         residual = x
@@ -117,7 +127,7 @@ class Transformer2DModel(nn.Module):
             name = f"transformer_blocks_{k}"
             x, w = BasicTransformerBlock(inner, self.heads, self.dim_head, self.only_cross_attention,
                                          self.upcast_attention, self.attention_backend, self.dtype,
-                                         name=name)(x, context, child_read(reference, name), write)
+                                         name=name)(x, context, child_read(reference, name), write, image_prompt)
             if write:
                 written[name] = w
         if self.use_linear_projection:

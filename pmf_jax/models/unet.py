@@ -3,7 +3,9 @@
 Config keys and semantics are diffusers' (``attention_head_dim`` is the number of heads when
 ``num_attention_heads`` is unset, as in diffusers). Also the reference UNet of the Appearance Control Module:
 :meth:`~UNet2DConditionModel.write_reference` returns the reference bank, ``reference=`` (a
-:class:`~pmf_jax.reference.ReferenceRead`) reads one (see :mod:`pmf_jax.reference`).
+:class:`~pmf_jax.reference.ReferenceRead`) reads one (see :mod:`pmf_jax.reference`). With ``ip_tokens=`` its
+cross-attentions also read IP-Adapter image tokens (:mod:`pmf_jax.models.image_prompt`; the ``to_k_ip``/``to_v_ip``
+kernels of :meth:`pmf_jax.io.ip_adapter.IPAdapterWeights.merge_into`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 from pmf_jax.errors import PMFInputError
 from pmf_jax.models.blocks import conv3x3, group_norm
 from pmf_jax.models.configurable import PretrainedMixin
+from pmf_jax.models.image_prompt import ImagePrompt, check_tokens, child_prompt, module_scales
 from pmf_jax.models.unet_blocks import UpBlock, per_block
 from pmf_jax.models.unet_encoder import (ENCODER_CONFIG_KEYS, EncoderFields, IntOrSeq, UNetEncoder,
                                          attention_settings, context_dim)
@@ -68,12 +71,17 @@ class UNet2DConditionModel(EncoderFields, PretrainedMixin):
                 jnp.zeros((1, 1, context_dim(self)), self.dtype))
 
     def __call__(self, sample, timesteps, encoder_hidden_states, down_block_additional_residuals=None,
-                 mid_block_additional_residual=None, reference: Optional[ReferenceRead] = None):
+                 mid_block_additional_residual=None, reference: Optional[ReferenceRead] = None, ip_tokens=None,
+                 ip_scale=1.0):
         if reference is not None and not isinstance(reference, ReferenceRead):
             raise TypeError(f"reference must be a pmf_jax.reference.ReferenceRead, got {type(reference).__name__} "
                             f"(wrap a bank with ReferenceRead.build(bank, config, batch))")
+        prompt = None
+        if ip_tokens is not None:
+            check_tokens(ip_tokens, context_dim(self))
+            prompt = ImagePrompt(ip_tokens, module_scales(self, ip_scale))
         return self.forward(sample, timesteps, encoder_hidden_states, down_block_additional_residuals,
-                            mid_block_additional_residual, reference, None)
+                            mid_block_additional_residual, reference, None, prompt)
 
     def write_reference(self, sample, timesteps, encoder_hidden_states, config: Optional[ReferenceConfig] = None):
         """The write path of the reference UNet: returns the reference bank (:mod:`pmf_jax.reference`), a nested dict
@@ -87,9 +95,10 @@ class UNet2DConditionModel(EncoderFields, PretrainedMixin):
 
     @nn.compact
     def forward(self, sample, timesteps, encoder_hidden_states, down_residuals, mid_residual,
-                reference: Optional[ReferenceRead], write: Optional[ReferenceConfig]):
+                reference: Optional[ReferenceRead], write: Optional[ReferenceConfig],
+                image_prompt: Optional[ImagePrompt] = None):
         """The one network both paths run: the noise prediction [B, H, W, out_channels], or (``write``: the config
-        of the entries to write) the bank."""
+        of the entries to write) the bank. ``image_prompt``: IP-Adapter's tokens and per-module scales."""
         bad = [t for t in self.up_block_types if t not in UP_BLOCK_TYPES]
         if bad:
             raise PMFInputError(f"{type(self).__name__}: unsupported up block types {bad}; supported {UP_BLOCK_TYPES}")
@@ -105,7 +114,8 @@ class UNet2DConditionModel(EncoderFields, PretrainedMixin):
             sample = 2 * sample - 1.0
         writing = write is not None
         write_attn, write_adain = writing and write.uses_attention, writing and write.uses_adain
-        h, skips, temb, written = encoder(sample, timesteps, context, reference, write_attn, write_adain=write_adain)
+        h, skips, temb, written = encoder(sample, timesteps, context, reference, write_attn, write_adain=write_adain,
+                                          image_prompt=image_prompt)
         if down_residuals is not None:
             if len(down_residuals) != len(skips):
                 raise ValueError(f"got {len(down_residuals)} down residuals, need {len(skips)}")
@@ -133,7 +143,8 @@ class UNet2DConditionModel(EncoderFields, PretrainedMixin):
             h, w = UpBlock(channels[i], count, up_attn[i], add_upsample=i < n - 1, groups=self.norm_num_groups,
                            eps=self.norm_eps, dtype=self.dtype, remat=self.gradient_checkpointing, name=name)(
                 h, block_skips, temb, context, child_read(reference, name), write_attn, size,
-                stop_after_layers=writing and i == last, write_adain=write_adain)
+                stop_after_layers=writing and i == last, write_adain=write_adain,
+                image_prompt=child_prompt(image_prompt, name))
             if writing:
                 written[name] = w
                 if i == last:

@@ -6,7 +6,9 @@ Every block takes an optional :class:`~pmf_jax.reference.ReferenceRead` and stat
 keyed by child name: ``{"attentions_j": {"transformer_blocks_k": [B, HW, C]}}`` when ``write`` (its transformers'
 attention entries), ``{"adain_j": {"mean", "var": [B, 1, 1, C]}}`` when ``write_adain`` (reference AdaIN: the
 statistics after layer j of a down/up block, ``"adain"`` after a whole middle block); empty otherwise. A block whose
-read holds such statistics applies them at the same places (:func:`apply_adain`).
+read holds such statistics applies them at the same places (:func:`apply_adain`). Blocks also take an optional
+``image_prompt`` (:class:`~pmf_jax.models.image_prompt.ImagePrompt`, IP-Adapter) and hand each ``attentions_j`` its
+part (:func:`~pmf_jax.models.image_prompt.child_prompt`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 
 from pmf_jax.errors import PMFInputError
 from pmf_jax.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D
+from pmf_jax.models.image_prompt import ImagePrompt, child_prompt
 from pmf_jax.models.transformer import Transformer2DModel
 from pmf_jax.parallel.rules import with_logical_constraint
 from pmf_jax.reference import ADAIN, ReferenceRead, child_read
@@ -112,7 +115,7 @@ def _adain_point(key: str, h, reference: Optional[ReferenceRead], write_adain: b
 
 
 def _resnet_and_attention(block, i: int, h, temb, context, reference, write: bool, written: dict,
-                          write_adain: bool = False):
+                          write_adain: bool = False, image_prompt: Optional[ImagePrompt] = None):
     """Layer i of a down or up block: ``resnets_i`` then, in a cross-attention block, ``attentions_i`` (whose bank
     entries go into ``written``), then the layer's AdaIN point ``adain_i``. Creates the layers in ``block``'s
     scope."""
@@ -121,7 +124,7 @@ def _resnet_and_attention(block, i: int, h, temb, context, reference, write: boo
     if block.attn is not None:
         name = f"attentions_{i}"
         h, w = _transformer(block.attn, block.out_channels, block.groups, block.dtype, name, block.remat)(
-            h, context, child_read(reference, name), write)
+            h, context, child_read(reference, name), write, child_prompt(image_prompt, name))
         if write:
             written[name] = w
     return _adain_point(f"{ADAIN}_{i}", h, reference, write_adain, written)
@@ -146,10 +149,11 @@ class DownBlock(nn.Module):
 
     @nn.compact
     def __call__(self, h, temb, context, reference: Optional[ReferenceRead] = None, write: bool = False,
-                 write_adain: bool = False):
+                 write_adain: bool = False, image_prompt: Optional[ImagePrompt] = None):
         skips, written = (), {}
         for i in range(self.num_layers):
-            h = _resnet_and_attention(self, i, h, temb, context, reference, write, written, write_adain)
+            h = _resnet_and_attention(self, i, h, temb, context, reference, write, written, write_adain,
+                                      image_prompt)
             skips += (h,)
         if self.add_downsample:
             h = Downsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
@@ -172,7 +176,7 @@ class MidBlock(nn.Module):
 
     @nn.compact
     def __call__(self, h, temb, context, reference: Optional[ReferenceRead] = None, write: bool = False,
-                 write_adain: bool = False):
+                 write_adain: bool = False, image_prompt: Optional[ImagePrompt] = None):
         channels = h.shape[-1]
         resnet = lambda i: _resnet(self.remat)(channels, self.groups, eps=self.eps,  # noqa: E731
                                                output_scale_factor=self.output_scale_factor, dtype=self.dtype,
@@ -182,7 +186,7 @@ class MidBlock(nn.Module):
         for i in range(self.num_layers):
             name = f"attentions_{i}"
             h, w = _transformer(self.attn, channels, self.groups, self.dtype, name, self.remat)(
-                h, context, child_read(reference, name), write)
+                h, context, child_read(reference, name), write, child_prompt(image_prompt, name))
             if write:
                 written[name] = w
             h = resnet(i + 1)(h, temb)
@@ -209,12 +213,14 @@ class UpBlock(nn.Module):
     @nn.compact
     def __call__(self, h, skips: Sequence, temb, context, reference: Optional[ReferenceRead] = None,
                  write: bool = False, upsample_size: Optional[Tuple[int, int]] = None,
-                 stop_after_layers: bool = False, write_adain: bool = False):
+                 stop_after_layers: bool = False, write_adain: bool = False,
+                 image_prompt: Optional[ImagePrompt] = None):
         skips = list(skips)
         written = {}
         for i in range(self.num_layers):
             h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = _resnet_and_attention(self, i, h, temb, context, reference, write, written, write_adain)
+            h = _resnet_and_attention(self, i, h, temb, context, reference, write, written, write_adain,
+                                      image_prompt)
         if self.add_upsample and not stop_after_layers:
             h = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(h, upsample_size)
         return h, written

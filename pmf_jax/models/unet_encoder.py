@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from pmf_jax.errors import PMFInputError
 from pmf_jax.models.blocks import conv3x3
 from pmf_jax.models.embeddings import TimestepEmbedding, timestep_embedding
+from pmf_jax.models.image_prompt import ImagePrompt, child_prompt
 from pmf_jax.models.unet_blocks import AttentionSettings, DownBlock, MidBlock, per_block
 from pmf_jax.reference import ReferenceRead, child_read
 
@@ -85,6 +86,7 @@ class UNetEncoder(EncoderFields):
     connections, the ControlNet's residual taps). ``conv_in_residual`` ([B, H, W, C0], the ControlNet's conditioning
     embedding) is added to conv_in's output. ``written``: the bank entries of the down and mid blocks — attention
     entries when ``write``, AdaIN statistics (of every down block and the mid block) when ``write_adain``.
+    ``image_prompt``: IP-Adapter's image tokens and scales (:mod:`pmf_jax.models.image_prompt`; the UNet's only).
     """
 
     @classmethod
@@ -111,7 +113,7 @@ class UNetEncoder(EncoderFields):
 
     @nn.compact
     def __call__(self, sample, timesteps, context, reference: Optional[ReferenceRead] = None, write: bool = False,
-                 conv_in_residual=None, write_adain: bool = False):
+                 conv_in_residual=None, write_adain: bool = False, image_prompt: Optional[ImagePrompt] = None):
         batch = sample.shape[0]
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
         t = timestep_embedding(timesteps, self.block_out_channels[0], self.flip_sin_to_cos, self.freq_shift)
@@ -129,7 +131,7 @@ class UNetEncoder(EncoderFields):
             h, res, w = DownBlock(self.block_out_channels[i], layers[i], down_attn[i], add_downsample=i < n - 1,
                                   downsample_padding=self.downsample_padding, groups=self.norm_num_groups,
                                   eps=self.norm_eps, dtype=self.dtype, remat=self.gradient_checkpointing, name=name)(
-                h, temb, context, child_read(reference, name), write, write_adain)
+                h, temb, context, child_read(reference, name), write, write_adain, child_prompt(image_prompt, name))
             skips += res
             if write or write_adain:
                 written[name] = w
@@ -140,7 +142,8 @@ class UNetEncoder(EncoderFields):
         h, w = MidBlock(mid_attn, groups=self.norm_num_groups, eps=self.norm_eps,
                         output_scale_factor=self.mid_block_scale_factor, dtype=self.dtype,
                         remat=self.gradient_checkpointing, name="mid_block")(
-            h, temb, context, child_read(reference, "mid_block"), write, write_adain)
+            h, temb, context, child_read(reference, "mid_block"), write, write_adain,
+            child_prompt(image_prompt, "mid_block"))
         if write or write_adain:
             written["mid_block"] = w
         return h, skips, temb, written

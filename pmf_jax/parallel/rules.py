@@ -33,7 +33,8 @@ from pmf_jax.parallel.mesh import mesh_axis_sizes
 
 MeshAxes = Union[None, str, Tuple[str, ...]]
 
-_QKV = r"(to_q|to_k|to_v|q_proj|k_proj|v_proj)"
+# to_k_ip/to_v_ip: IP-Adapter's image key/value projections in attn2, sharded exactly as to_k/to_v
+_QKV = r"(to_q|to_k|to_v|to_k_ip|to_v_ip|q_proj|k_proj|v_proj)"
 _OUT = r"(to_out_0|out_proj)"
 _FF_IN = r"(ff/net_0/proj|mlp/fc1)"
 _FF_OUT = r"(ff/net_2|mlp/fc2)"

@@ -6,11 +6,14 @@ and ``pmf scaling`` each need:
   * :func:`pipeline_from_run`: the :class:`~pmf_jax.pipelines.RetargetPipeline` of a run in memory
     (:class:`RunParts`: components, parameters, frozen parts; parameters may be ShapeDtypeStructs for
     ahead-of-time compiles) or of a config naming model folders (``model.base``, ``model.controlnet``,
-    ``model.reference_unet``). The mode is ``reference.mode``: "acm" gives the pipeline the run's reference UNet,
-    "reference_only" lets the denoising UNet write its own bank, "controlnet_only" reads no bank.
+    ``model.reference_unet``, ``model.ip_adapter`` + ``model.image_encoder``). The mode is ``reference.mode``: "acm"
+    gives the pipeline the run's reference UNet, "reference_only" lets the denoising UNet write its own bank,
+    "controlnet_only" reads no bank, "ip_adapter" reads the IP-Adapter's image prompt instead (which acm and
+    reference_only read too when ``model.ip_adapter`` is set).
   * :func:`sampling_kwargs`: ``cfg.sampling`` + ``cfg.reference`` as the pipeline call's keyword arguments, meaning
     what the CLI's options mean (``sampling.reference_guidance_scale`` null: no appearance guidance, 2 guidance
-    rows; a number: ``appearance_guidance_scale``, 3 rows).
+    rows; a number: ``appearance_guidance_scale``, 3 rows; ``sampling.ip_adapter_scale``: ``ip_adapter_scale`` when
+    the pipeline has an IP-Adapter).
   * :func:`sampling_static`: the static settings of that call (what the compiled programs are specialised on).
 """
 
@@ -79,6 +82,9 @@ def _from_parts(run: RunParts, mode: str) -> RetargetPipeline:
     from pmf_jax.training.components import sampling_scheduler_config
 
     comps = run.components
+    if mode == "ip_adapter" or run.cfg.model.ip_adapter:
+        raise PMFInputError("a pipeline of a run in memory does not read an IP-Adapter yet: sample an IP-Adapter run "
+                            "from its config's model folders (model.ip_adapter) or its export")
     if comps.controlnet is None:
         raise PMFInputError("the retarget pipeline needs a pose ControlNet (config train.stage=2)")
     params = pipeline_params(mode, run.params, run.frozen)
@@ -96,9 +102,21 @@ def _from_folders(cfg, mode: str, allow_pickle: bool = False) -> RetargetPipelin
         raise PMFInputError("config model.controlnet is null; the retarget pipeline needs the pose ControlNet")
     # null reference_unet: the ACM as initialised, i.e. the base model's UNet (load_model finds <base>/unet).
     reference_unet = (model.reference_unet or model.base) if mode == "acm" else None
-    return RetargetPipeline.from_pretrained(model.base, controlnet=model.controlnet, reference_unet=reference_unet,
+    ip_adapter = image_encoder = None
+    if model.ip_adapter and mode != "controlnet_only":  # a plain ControlNet baseline of an IP-Adapter config
+        from pmf_jax.training.components import image_encoder_folder, ip_adapter_file
+
+        ip_adapter, image_encoder = ip_adapter_file(model.ip_adapter), image_encoder_folder(model)
+    elif mode == "ip_adapter":
+        raise PMFInputError("reference.mode=ip_adapter needs config model.ip_adapter (an IP-Adapter weight file) "
+                            "and its model.image_encoder")
+    pipe = RetargetPipeline.from_pretrained(model.base, controlnet=model.controlnet, reference_unet=reference_unet,
                                             mode=mode, dtype=model.dtype, attention_backend=model.attention_backend,
-                                            revision=model.revision, allow_pickle=allow_pickle or model.allow_pickle)
+                                            revision=model.revision, allow_pickle=allow_pickle or model.allow_pickle,
+                                            ip_adapter=ip_adapter, image_encoder=image_encoder)
+    if pipe.ip_adapter is not None:
+        pipe.ip_adapter_scale = cfg.sampling.ip_adapter_scale  # the default of every call
+    return pipe
 
 
 def sampling_kwargs(cfg, mode: Optional[str] = None) -> Dict[str, Any]:
@@ -109,9 +127,12 @@ def sampling_kwargs(cfg, mode: Optional[str] = None) -> Dict[str, Any]:
     ``sampling.eta`` is not read: the DDIM sampler is deterministic (η = 0) only."""
     s = cfg.sampling
     appearance = None if run_mode(cfg, mode) == "controlnet_only" else s.reference_guidance_scale
-    return dict(num_inference_steps=s.steps, scheduler=s.scheduler, guidance_scale=s.text_guidance_scale,
-                appearance_guidance_scale=appearance, controlnet_conditioning_scale=s.controlnet_scale,
-                reference_config=cfg.reference.to_reference_config())
+    kwargs = dict(num_inference_steps=s.steps, scheduler=s.scheduler, guidance_scale=s.text_guidance_scale,
+                  appearance_guidance_scale=appearance, controlnet_conditioning_scale=s.controlnet_scale,
+                  reference_config=cfg.reference.to_reference_config())
+    if cfg.model.ip_adapter and run_mode(cfg, mode) != "controlnet_only":
+        kwargs["ip_adapter_scale"] = s.ip_adapter_scale
+    return kwargs
 
 
 def sampling_static(pipe: RetargetPipeline, cfg, size: Tuple[int, int], output_type: str = "np",

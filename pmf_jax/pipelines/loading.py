@@ -41,6 +41,56 @@ def load_model(path_or_repo_id, kind: str, subfolder, *, dtype, attention_backen
     return module, params
 
 
+IP_ADAPTER_FILE = Path("ip_adapter") / "ip_adapter.safetensors"  # in a PMF export (pmf convert to-diffusers)
+
+
+def load_image_prompt(folder: Path, ip_adapter=None, image_encoder=None, *, dtype, attention_backend: str = "auto",
+                      revision: Optional[str] = None, allow_pickle: bool = False):
+    """The IP-Adapter parts of a pipeline: ``(adapter, (image encoder, params), image processor settings)``, or
+    ``(None, None, None)`` without an adapter.
+
+    ip_adapter: an adapter file (:func:`pmf_jax.io.load_ip_adapter`), an already loaded ``IPAdapterWeights``, or
+      None: ``folder``'s ``ip_adapter/ip_adapter.safetensors`` if it has one (an export).
+    image_encoder: a CLIPVisionModelWithProjection folder (or a folder with ``image_encoder/``), else the
+      ``image_encoder/`` beside the adapter file (h94/IP-Adapter's layout, and an export's ``ip_adapter/``), else
+      ``folder``'s ``image_encoder/``.
+    The image processor is diffusers': ``folder``'s ``feature_extractor/`` when there is one, else the encoder
+    folder's ``preprocessor_config.json``, else ``CLIPImageProcessor(size=image_size, crop_size=image_size)``.
+    """
+    from pmf_jax.io.ip_adapter import IPAdapterWeights, load_ip_adapter
+    from pmf_jax.models.clip_image_processor import PROCESSOR_FILE, ImageProcessorConfig
+
+    folder = Path(folder)
+    if ip_adapter is None and (folder / IP_ADAPTER_FILE).is_file():
+        ip_adapter = folder / IP_ADAPTER_FILE
+    if ip_adapter is None:
+        if image_encoder is not None:
+            raise PMFInputError("an image encoder was given without an IP-Adapter (ip_adapter=, --ip-adapter)")
+        return None, None, None
+    beside = None
+    if not isinstance(ip_adapter, IPAdapterWeights):
+        beside = Path(ip_adapter).parent / "image_encoder"
+        ip_adapter = load_ip_adapter(ip_adapter, allow_pickle=allow_pickle, dtype=dtype)
+    if image_encoder is None and beside is not None and (beside / "config.json").is_file():
+        image_encoder = beside
+    if image_encoder is None:
+        if not (folder / "image_encoder" / "config.json").is_file():
+            raise PMFInputError("an IP-Adapter needs its CLIP image encoder (image_encoder=, --image-encoder: a "
+                                "CLIPVisionModelWithProjection folder, e.g. h94/IP-Adapter's models/image_encoder)")
+        image_encoder = folder
+    kw = dict(dtype=dtype, attention_backend=attention_backend, allow_pickle=allow_pickle)
+    encoder_folder = resolve_folder(image_encoder, revision=revision)
+    if not (encoder_folder / "config.json").is_file() and (encoder_folder / "image_encoder").is_dir():
+        encoder_folder = encoder_folder / "image_encoder"
+    encoder = load_model(encoder_folder, "CLIPVisionModelWithProjection", "image_encoder", **kw)
+    ip_adapter.check_image_encoder(encoder[0])
+    if (folder / "feature_extractor" / PROCESSOR_FILE).is_file():
+        processor = ImageProcessorConfig.from_folder(folder / "feature_extractor")
+    else:
+        processor = ImageProcessorConfig.from_folder(encoder_folder, image_size=encoder[0].image_size)
+    return ip_adapter, encoder, processor
+
+
 def read_scheduler_config(folder: Path) -> Dict[str, Any]:
     """The folder's scheduler/scheduler_config.json, or SD1.5's (:data:`pmf_jax.constants.SD15_SCHEDULER_CONFIG`)."""
     path = folder / "scheduler" / "scheduler_config.json"

@@ -60,8 +60,10 @@ class ServedModel:
     # -------------------------------------------------------------------------------------------------- about
     @property
     def modes(self) -> List[str]:
-        """The modes a request may ask for: acm only when the model has a reference UNet."""
-        return [m for m in constants.MODES if m != "acm" or self.pipe.reference_unet is not None]
+        """The modes a request may ask for: acm only when the model has a reference UNet, ip_adapter only when the
+        server was started in it (its IP-Adapter and image encoder loaded)."""
+        return [m for m in constants.MODES if (m != "acm" or self.pipe.reference_unet is not None)
+                and (m != "ip_adapter" or self.pipe.mode == "ip_adapter")]
 
     @property
     def has_text_encoder(self) -> bool:

@@ -16,6 +16,12 @@ Guidance, with N images and G rows per image (sample-major, row n·G + g):
     bank (``style_fidelity`` blends it towards plain attention).
   * ``appearance_guidance_scale=g_a`` — G = 3, ``[u, c, a]`` (u and a without reference):
     ``ε = u + g·(a − u) + g_a·(c − a)``.
+
+IP-Adapter (mode ``ip_adapter``, or with acm / reference_only): :meth:`PMFTorchPipeline.load_ip_adapter` loads it with
+diffusers' own ``load_ip_adapter`` (its modules and attention processors in the UNet; the reference processors are
+put back on ``attn1``). The source image is the image prompt of row c; rows u and a get diffusers' negative image
+embeddings (zeros, or for Plus the encoding of an all-zero image); the ControlNet and the reference writer read no
+image prompt (the writer runs at IP scale 0).
 """
 
 from __future__ import annotations
@@ -93,6 +99,10 @@ class PMFTorchPipeline:
         self.reference_unet = reference_unet.eval() if reference_unet is not None else None
         self.mode = mode
         self.reference_config = reference_config or ReferenceConfig()
+        #: IP-Adapter (:meth:`load_ip_adapter`): the diffusers pipeline around :attr:`unet` that loaded it (its
+        #: ``set_ip_adapter_scale``), the CLIP image encoder and its image processor; None without one.
+        self.ip_pipe = self.image_encoder = self.feature_extractor = None
+        self.ip_adapter_scale = 1.0
         # what a call uses when it gives no steps / guidance scale; from_pretrained takes an export's
         self.sampling = {"steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE_SCALE}
         self.state = ReferenceState()
@@ -104,12 +114,16 @@ class PMFTorchPipeline:
 
     @classmethod
     def from_pretrained(cls, folder, *, controlnet=None, reference_unet=None, mode: Optional[str] = None,
-                        scheduler: Optional[str] = None, torch_dtype=torch.float32, device="cpu"):
+                        scheduler: Optional[str] = None, torch_dtype=torch.float32, device="cpu", ip_adapter=None,
+                        image_encoder=None):
         """Opens an exported folder (``pmf convert to-diffusers``): unet/, controlnet/, reference_unet/, vae/ (or
         none: the patch autoencoder of the UNet's 3·p² channels), text_encoder/ + tokenizer/ (or none: prompt-free),
         scheduler/ and pmf_config.json (mode and reference settings). ``controlnet``/``reference_unet`` replace the
         folder's; ``mode`` replaces pmf_config's. The scheduler, and a call's default steps and guidance scale, are
-        the export's sampling settings (pmf_config.json "sampling", as ``pmf retarget`` uses them) unless given."""
+        the export's sampling settings (pmf_config.json "sampling", as ``pmf retarget`` uses them) unless given.
+        ``ip_adapter`` (a weight file) and ``image_encoder`` (its folder; default beside the file, else the folder's
+        ``image_encoder/``): :meth:`load_ip_adapter`; an export's ``ip_adapter/ip_adapter.safetensors`` is loaded
+        when present (not in mode controlnet_only)."""
         from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
         from pmf_jax.convert.folders import read_pmf_config, reference_config_of
@@ -148,10 +162,70 @@ class PMFTorchPipeline:
         pipe = cls(unet, cn, make_scheduler(scheduler or sampling["scheduler"], config), vae, text_encoder, tokenizer,
                    ref, mode, reference_config_of(pmf))
         pipe.sampling = {"steps": sampling["steps"], "guidance_scale": sampling["guidance_scale"]}
-        return pipe.to(device, torch_dtype)  # loaded in fp32 first: the dtype keyword differs across versions
+        exported = folder / "ip_adapter" / "ip_adapter.safetensors"
+        if ip_adapter is None and exported.is_file() and mode != "controlnet_only":
+            ip_adapter = exported
+        if ip_adapter is not None:
+            pipe.load_ip_adapter(ip_adapter, image_encoder, feature_extractor=folder / "feature_extractor")
+        elif mode == "ip_adapter":
+            raise PMFInputError("mode 'ip_adapter' needs an IP-Adapter (ip_adapter= a weight file)")
+        return pipe.to(device, torch_dtype)
+
+    def load_ip_adapter(self, weight_file, image_encoder=None, feature_extractor=None) -> None:
+        """Loads an IP-Adapter file into :attr:`unet` with diffusers' own ``load_ip_adapter`` (on a
+        StableDiffusionPipeline around the UNet), and its CLIP image encoder (``image_encoder``: a folder; default
+        the ``image_encoder/`` beside the file). The image processor: ``feature_extractor`` (a folder with
+        preprocessor_config.json) when it exists, else diffusers' default for the encoder's image size."""
+        import diffusers
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        if self.mode == "controlnet_only":
+            raise PMFInputError("mode 'controlnet_only' takes no IP-Adapter: use mode 'ip_adapter'")
+        weight_file = Path(weight_file)
+        if not weight_file.is_file():
+            raise PMFInputError(f"IP-Adapter weight file {weight_file} does not exist")
+        encoder_folder = Path(image_encoder) if image_encoder is not None else weight_file.parent / "image_encoder"
+        if not (encoder_folder / "config.json").is_file():
+            raise PMFInputError(f"no CLIP image encoder at {encoder_folder}: pass image_encoder= its folder")
+        processor = None
+        if feature_extractor is not None and (Path(feature_extractor) / "preprocessor_config.json").is_file():
+            processor = CLIPImageProcessor.from_pretrained(feature_extractor)
+        encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_folder).to(self.device).eval()
+        self.ip_pipe = diffusers.StableDiffusionPipeline(
+            vae=None, text_encoder=None, tokenizer=None, unet=self.unet, scheduler=self.scheduler,
+            safety_checker=None, feature_extractor=processor, image_encoder=encoder, requires_safety_checker=False)
+        # diffusers rebuilds every attn1 processor from its class without arguments: plain ones while it loads
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.unet.set_attn_processor({name: AttnProcessor2_0() if name.endswith(".attn1.processor") else proc
+                                      for name, proc in self.unet.attn_processors.items()})
+        self.ip_pipe.load_ip_adapter(str(weight_file.parent), subfolder="", weight_name=weight_file.name,
+                                     image_encoder_folder=None, low_cpu_mem_usage=False, local_files_only=True)
+        self.image_encoder, self.feature_extractor = encoder, self.ip_pipe.feature_extractor
+        install_reference_attention(self.unet, self.state)  # the reference processors back on attn1
+
+    def image_embeds(self, source: torch.Tensor, layout: Sequence[str], n: int) -> torch.Tensor:
+        """diffusers' IP-Adapter image embeddings of every guidance row, [N·G, 1, ...] sample-major: the source's for
+        row c, the negative ones (zeros; Plus: an all-zero image's hidden_states[-2]) for the others. ``source``:
+        [1, 3, H, W] in [0, 1]."""
+        from diffusers.models.embeddings import ImageProjection
+
+        plus = not isinstance(self.unet.encoder_hid_proj.image_projection_layers[0], ImageProjection)
+        image = Image.fromarray(np.round(source[0].permute(1, 2, 0).float().cpu().numpy() * 255).astype(np.uint8))
+        pixels = self.feature_extractor(image, return_tensors="pt").pixel_values.to(self.device,
+                                                                                     self.image_encoder.dtype)
+        if plus:
+            given = self.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+            empty = self.image_encoder(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
+        else:
+            given = self.image_encoder(pixels).image_embeds
+            empty = torch.zeros_like(given)
+        rows = [given if row == "c" else empty for row in layout]
+        return torch.stack(rows, dim=1).flatten(0, 1).repeat(n, *([1] * (given.ndim - 1)))[:, None].to(self.dtype)  # loaded in fp32 first: the dtype keyword differs across versions
 
     def to(self, device=None, dtype=None):
-        for model in (self.unet, self.controlnet, self.vae, self.text_encoder, self.reference_unet):
+        for model in (self.unet, self.controlnet, self.vae, self.text_encoder, self.reference_unet,
+                      self.image_encoder):
             if model is not None:
                 cast = dtype is not None and getattr(model, "dtype", dtype) != dtype
                 model.to(device=device, **({"dtype": dtype} if cast else {}))  # diffusers warns on any dtype= arg
@@ -223,7 +297,8 @@ class PMFTorchPipeline:
                  appearance_guidance_scale: Optional[float] = None, controlnet_conditioning_scale: float = 1.0,
                  num_images: int = 1, height: Optional[int] = None, width: Optional[int] = None,
                  reference_config: Optional[ReferenceConfig] = None, generator: Optional[torch.Generator] = None,
-                 latents: Union[torch.Tensor, np.ndarray, None] = None, output_type: str = "pil"):
+                 latents: Union[torch.Tensor, np.ndarray, None] = None, output_type: str = "pil",
+                 ip_adapter_scale=None):
         """Generates ``num_images`` images of the source person in the pose of ``pose_image`` (an OpenPose skeleton).
 
         Args:
@@ -231,6 +306,8 @@ class PMFTorchPipeline:
           num_inference_steps, guidance_scale: default: ``self.sampling`` (the export's settings).
           reference_config: default: the export's settings (pmf_config.json).
           output_type: "pil" (list), "np" (float [N, H, W, 3] in [0, 1]) or "latent" (tensor [N, C, h, w]).
+          ip_adapter_scale: with an IP-Adapter, a number or diffusers' per-block dict (default
+            :attr:`ip_adapter_scale`, 1.0).
         """
         num_inference_steps = self.sampling["steps"] if num_inference_steps is None else num_inference_steps
         guidance_scale = self.sampling["guidance_scale"] if guidance_scale is None else guidance_scale
@@ -246,7 +323,18 @@ class PMFTorchPipeline:
             raise PMFInputError(f"height/width {size} must be multiples of the autoencoder's factor {factor}")
         pose = self._image(pose_image, "pose image", size)
         n, g = num_images, 2 if appearance_guidance_scale is None else 3
-        reference = None if self.mode == "controlnet_only" else (reference_config or self.reference_config)
+        reference = (None if self.mode in ("controlnet_only", "ip_adapter")
+                     else (reference_config or self.reference_config))
+        if ip_adapter_scale is not None and self.ip_pipe is None:
+            raise PMFInputError("ip_adapter_scale is given, but no IP-Adapter is loaded (load_ip_adapter)")
+        if self.mode == "ip_adapter" and self.ip_pipe is None:
+            raise PMFInputError("mode 'ip_adapter' needs an IP-Adapter (load_ip_adapter)")
+        ip_kwargs = {}
+        if self.ip_pipe is not None:
+            scale = self.ip_adapter_scale if ip_adapter_scale is None else ip_adapter_scale
+            self.ip_pipe.set_ip_adapter_scale(scale)
+            embeds = self.image_embeds(source, ("u", "c") if g == 2 else ("u", "c", "a"), n)
+            ip_kwargs = {"added_cond_kwargs": {"image_embeds": [embeds]}}
 
         neg, pos = self.encode_prompts([negative_prompt] * n), self.encode_prompts([prompt] * n)   # [N, T, D]
         context = torch.stack([neg, pos] + ([pos] if g == 3 else []), dim=1).flatten(0, 1)         # [N·G, T, D]
@@ -264,15 +352,19 @@ class PMFTorchPipeline:
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters \
             else {}
         fixed_bank = None
+        write_ip = None  # the writer is the UNet with IP-Adapter processors: it runs at IP scale 0
+        if reference is not None and self.ip_pipe is not None and self.mode != "acm":
+            write_ip = ({"added_cond_kwargs": {"image_embeds": [ip_kwargs["added_cond_kwargs"]["image_embeds"][0][
+                ::g]]}}, scale)
         if reference is not None and reference.reference_timestep == "zero":
             fixed_bank = self._write_bank(reference, ref_latents, pos, torch.zeros((), dtype=torch.long), g,
-                                          generator)   # (attention bank, AdaIN statistics)
+                                          generator, write_ip)   # (attention bank, AdaIN statistics)
         for t in self.scheduler.timesteps:
             x_in = self.scheduler.scale_model_input(x, t)
             rows = x_in.repeat_interleave(g, dim=0)
             if reference is not None:
                 self.state.bank, self.state.adain = fixed_bank if fixed_bank is not None else self._write_bank(
-                    reference, ref_latents, pos, t, g, generator)
+                    reference, ref_latents, pos, t, g, generator, write_ip)
                 flags = torch.tensor([1.0, 0.0] if g == 2 else [1.0, 0.0, 1.0]).repeat(n)
                 self.state.read(reference, **({"uncond_mask": flags} if g == 2 else {"ref_mix": flags}))
             self.state.mode = "read" if reference is not None and reference.controlnet_reads_reference else "off"
@@ -280,7 +372,7 @@ class PMFTorchPipeline:
                                         conditioning_scale=controlnet_conditioning_scale, return_dict=False)
             self.state.mode = "read" if reference is not None else "off"
             eps = self.unet(rows, t, context, down_block_additional_residuals=down,
-                            mid_block_additional_residual=mid).sample.float()
+                            mid_block_additional_residual=mid, **ip_kwargs).sample.float()
             self.state.off()
             eps = eps.reshape((n, g) + eps.shape[1:])
             if g == 2:
@@ -297,9 +389,12 @@ class PMFTorchPipeline:
             return images
         return [Image.fromarray(np.round(im * 255).astype(np.uint8)) for im in images]
 
-    def _write_bank(self, reference: ReferenceConfig, ref_latents, ref_context, t, rows: int, generator):
+    def _write_bank(self, reference: ReferenceConfig, ref_latents, ref_context, t, rows: int, generator,
+                    write_ip=None):
         """``(bank, AdaIN statistics)`` written at timestep t (0 for reference_timestep "zero"), each entry repeated
-        to the G rows."""
+        to the G rows. ``write_ip``: (the UNet's IP-Adapter keyword arguments for N rows, the call's scale) when the
+        writer is the UNet with IP-Adapter processors: it writes at scale 0 (no image prompt), then the scale is
+        restored."""
         t_ref = torch.zeros_like(torch.as_tensor(t)) if reference.reference_timestep == "zero" else t
         latents = ref_latents
         if reference.noise_reference:
@@ -307,7 +402,12 @@ class PMFTorchPipeline:
             latents = self._add_noise(ref_latents, noise, t_ref)
         writer = self.reference_unet if self.mode == "acm" else self.unet
         self.state.write()
-        writer(latents, t_ref, ref_context)
+        if write_ip is not None:
+            self.ip_pipe.set_ip_adapter_scale(0.0)
+            writer(latents, t_ref, ref_context, **write_ip[0])
+            self.ip_pipe.set_ip_adapter_scale(write_ip[1])
+        else:
+            writer(latents, t_ref, ref_context)
         bank = {name: h.repeat_interleave(rows, dim=0) for name, h in self.state.bank.items()}
         adain = {key: tuple(s.repeat_interleave(rows, dim=0) for s in stats) for key, stats in self.state.adain.items()}
         self.state.off()
