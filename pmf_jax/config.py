@@ -140,10 +140,11 @@ class TrainConfig(_Section):
     SECTION = "train"
     stage: int = _field(1, choices=(1, 2), doc="1: no ControlNet (the ACM stage); 2: with the pose ControlNet "
                                                      "(ADPCM)")
-    trainable: Tuple[str, ...] = _field((), doc="parts that train (unet, reference_unet, controlnet); the "
-                                               "others are frozen, stored in model.frozen_param_dtype. Empty: the "
-                                               "design's recipe by stage (1: reference_unet, or unet in "
-                                               "reference_only; 2: controlnet)")
+    trainable: Tuple[str, ...] = _field((), doc="parts that train (unet, reference_unet, controlnet, "
+                                               "ip_adapter); the others are frozen, stored in "
+                                               "model.frozen_param_dtype. Empty: the design's recipe by stage (1: "
+                                               "reference_unet, or unet in reference_only; 2: controlnet; "
+                                               "ip_adapter in reference.mode=ip_adapter)")
     steps: int = _field(10_000, check=_POSITIVE)
     lr: float = _field(1e-5, check=_POSITIVE)
     warmup_steps: int = _field(500, check=_NON_NEGATIVE)

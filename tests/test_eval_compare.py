@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from convert_fixtures import tiny_export, tiny_run  # noqa: F401  (pytest fixtures)
+from ip_adapter_fixtures import tiny_ip  # noqa: F401  (pytest fixture)
 from PIL import Image
 from tiny_sd import tiny_sd  # noqa: F401  (pytest fixture)
 
@@ -25,7 +26,7 @@ from pmf_jax.input_pipeline import prepare_pair
 REPO = Path(__file__).resolve().parents[1]
 DUMMY = REPO / "data" / "deepfashion_pairs" / "dummy_data"
 DATASET, CONFIG = "deepfashion_pairs", "256x176"
-MODES = ("acm", "reference_only", "controlnet_only")
+MODES = ("acm", "reference_only", "controlnet_only", "ip_adapter")  # ip_adapter: Method 2 with a tiny random adapter
 SIZE = (64, 48)
 
 
@@ -37,7 +38,7 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def scored_runs(tiny_sd, data_dir, tmp_path_factory):  # noqa: F811
+def scored_runs(tiny_sd, tiny_ip, data_dir, tmp_path_factory):  # noqa: F811
     """One scored generation per mode, each mode a config override of the same config."""
     root = tmp_path_factory.mktemp("compare")
     base = [f"model.base={tiny_sd.sd}", f"model.controlnet={tiny_sd.controlnet}",
@@ -46,7 +47,8 @@ def scored_runs(tiny_sd, data_dir, tmp_path_factory):  # noqa: F811
             "sampling.steps=2", "sampling.scheduler=ddim", "sampling.reference_guidance_scale=null"]
     folders = []
     for mode in MODES:
-        cfg = load_config(None, base + [f"reference.mode={mode}"])
+        extra = [f"model.ip_adapter={tiny_ip.adapter}", "model.reference_unet=null"] if mode == "ip_adapter" else []
+        cfg = load_config(None, base + extra + [f"reference.mode={mode}"])
         generate(cfg, root / mode, split="test", progress=False)
         write_report(score(root / mode, DATASET, CONFIG, data_dir, split="test", metrics=["ssim", "psnr"],
                            resize=True, progress=False), root / mode / "scores")
@@ -58,8 +60,8 @@ def test_modes_differ_and_are_recorded(scored_runs):
     settings = [json.loads((f / "generation.json").read_text())["reference"]["mode"] for f in scored_runs]
     assert settings == list(MODES)
     images = [np.asarray(Image.open(sorted(f.glob("*.png"))[0]), np.float32) for f in scored_runs]
-    for i in range(3):
-        for j in range(i + 1, 3):
+    for i in range(len(MODES)):
+        for j in range(i + 1, len(MODES)):
             assert np.abs(images[i] - images[j]).mean() > 1.0, (MODES[i], MODES[j])
 
 

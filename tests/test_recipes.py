@@ -31,6 +31,7 @@ RECIPES = {
     "sd15_stage2.yaml": {"controlnet"},                           # the design's ADPCM: the ControlNet alone
     "sd15_stage2_joint.yaml": {"reference_unet", "controlnet"},   # MagicPose's stage 2
     "tiny_synthetic.yaml": {"unet", "reference_unet", "controlnet"},  # the demo: everything from scratch
+    "sd15_ip_adapter.yaml": {"ip_adapter"},                       # Method 2: IP-Adapter fine-tuned on pose pairs
 }
 STEPS = 3
 
@@ -54,6 +55,16 @@ def _tiny_overrides(name: str, tiny, tmp_path: Path) -> list:
         out.append(f"model.controlnet={tiny.controlnet}")
     if cfg.model.reference_unet:
         out.append(f"model.reference_unet={tiny.reference_unet}")
+    if cfg.model.ip_adapter:  # a tiny adapter for the tiny UNet, its image encoder beside it (h94's layout)
+        from diffusers import UNet2DConditionModel
+        from ip_adapter_fixtures import public_state, tiny_vision_config, torch_vision
+        from safetensors.numpy import save_file
+
+        (tmp_path / "models").mkdir()
+        unet = UNet2DConditionModel.from_pretrained(tiny.sd / "unet")
+        save_file(public_state("ip_adapter", unet), str(tmp_path / "models" / "ip_adapter.safetensors"))
+        torch_vision(tiny_vision_config(num_hidden_layers=2)).save_pretrained(tmp_path / "models" / "image_encoder")
+        out += [f"model.ip_adapter={tmp_path}/models/ip_adapter.safetensors", "model.image_encoder=null"]
     return out
 
 

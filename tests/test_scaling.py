@@ -72,6 +72,18 @@ def test_sd15_stage2_shapes_without_weights():
     assert any("built-in SD1.5" in note for note in run.notes)
 
 
+def test_sd15_ip_adapter_plans_with_the_public_parameter_counts():
+    """The IP-Adapter recipe plans without its files: the adapter (projection + to_k_ip/to_v_ip of the 16 attn2
+    layers) and the frozen ViT-H/14 image encoder have h94/IP-Adapter's parameter counts."""
+    run = abstract.abstract_run(load_config(str(REPO / "configs" / "sd15_ip_adapter.yaml")))
+    assert run.components.trainable == ("ip_adapter",)
+    assert abstract.tree_count(run.state.params["ip_adapter"]) == 22_319_616       # ip-adapter_sd15.safetensors
+    assert abstract.tree_count(run.frozen["image_encoder"]) == 632_076_800          # OpenCLIP ViT-H/14 vision
+    flat = jax.tree_util.tree_flatten_with_path(run.state.params["ip_adapter"]["attn2"])[0]
+    assert len(flat) == 32 and all("to_k_ip" in str(p) or "to_v_ip" in str(p) for p, _ in flat)
+    assert any("IP-Adapter: SD1.5 layout" in note for note in run.notes)
+
+
 def test_config_only_source_reads_configs_not_weights(tmp_path):
     unet = {"_class_name": "UNet2DConditionModel", "in_channels": 4, "out_channels": 4, "block_out_channels": [8, 16],
             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],

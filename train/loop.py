@@ -78,6 +78,9 @@ def write_run_info(run_dir: Path, cfg: Config, comps) -> None:
             "base": cfg.model.base, "autoencoder": cfg.model.autoencoder,
             "models": {"unet": comps.unet.to_config(), "reference_unet": comps.reference_unet.to_config(),
                        "controlnet": comps.controlnet.to_config() if comps.controlnet is not None else None}}
+    if comps.image_prompt is not None:  # what `pmf convert to-diffusers` needs to write the trained adapter back
+        info["ip_adapter"] = {"kind": comps.image_prompt.kind, "file": cfg.model.ip_adapter,
+                              "image_encoder": cfg.model.image_encoder}
     (run_dir / "components.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -129,7 +132,9 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
     del trainable
     frozen_params_sh = param_shardings(frozen_params, mesh, rules)
     frozen_params = jax.device_put(frozen_params, frozen_params_sh)
-    frozen_sh = jax.tree_util.tree_map(lambda _: replicated(mesh), frozen)
+    # The image encoder (mode ip_adapter, ~0.6 B parameters for ViT-H) is sharded like parameters; the rest is small.
+    frozen_sh = {name: param_shardings(tree, mesh, rules) if name == "image_encoder" else
+                 jax.tree_util.tree_map(lambda _: replicated(mesh), tree) for name, tree in frozen.items()}
     frozen = jax.device_put(frozen, frozen_sh)
     iterator = iter(loader)
 

@@ -10,6 +10,9 @@ The folder (``out``)::
                                         autoencoder, inferred from the UNet's 3·p² channels) and prompt-free runs
     scheduler/scheduler_config.json     the run's noise schedule and train.prediction_type
     model_index.json                    the base's, when it has one (parts not exported set to null)
+    ip_adapter/ip_adapter.safetensors   the run's IP-Adapter (model.ip_adapter; trained when part ip_adapter trained)
+    image_encoder/                      in the public format, its CLIP image encoder beside
+                                        (:mod:`pmf_jax.convert.ip_adapter_export`)
     pmf_config.json                     mode, reference settings, autoencoder, where every part came from, the
                                         training resolution and the sampling defaults (the run's sampling
                                         section: scheduler, steps, guidance_scale), which pmf retarget uses
@@ -94,6 +97,12 @@ def export_to_diffusers(checkpoint, out, *, ema: Optional[bool] = None, base=Non
                 unet_config = module.to_config()
         autoencoder = _write_base_parts(tmp, cfg, base_folder, unet_config, link)
         _write_scheduler(tmp, cfg, base_folder)
+        if "ip_adapter" in trained or cfg.model.ip_adapter:  # the public file format + its image encoder
+            from pmf_jax.convert.ip_adapter_export import export_ip_adapter
+
+            export_ip_adapter(trained.get("ip_adapter"), cfg, tmp, dtype=save_dtype, link=link,
+                              allow_pickle=allow_pickle or cfg.model.allow_pickle)
+            written["ip_adapter"] = "checkpoint" if "ip_adapter" in trained else str(cfg.model.ip_adapter)
         if base_folder is not None and (base_folder / "model_index.json").is_file():
             _write_model_index(tmp, base_folder, set(written) | set(autoencoder["copied"]) | {"scheduler"})
         write_pmf_config(tmp, {

@@ -185,6 +185,18 @@ class CLIPTextTransformer(nn.Module):
         return jnp.take_along_axis(last_hidden_state, index[:, None, None], axis=1)[:, 0]  # [B, D]
 
 
+def encoder_config_problems(config) -> list:
+    """What a CLIP encoder config (text or vision: ``hidden_act``, ``hidden_size``, ``num_attention_heads``) asks for
+    that is not implemented, one phrase each."""
+    problems = []
+    if config.hidden_act not in ACTIVATIONS:
+        problems.append(f"hidden_act={config.hidden_act!r} (only {' / '.join(ACTIVATIONS)} are implemented)")
+    if config.hidden_size % config.num_attention_heads:
+        problems.append(f"hidden_size={config.hidden_size} is not a multiple of "
+                        f"num_attention_heads={config.num_attention_heads}")
+    return problems
+
+
 class CLIPTextModel(PretrainedMixin, nn.Module):
     """transformers ``CLIPTextModel`` (fields = its ``CLIPTextConfig`` keys; defaults as transformers').
 
@@ -229,12 +241,7 @@ class CLIPTextModel(PretrainedMixin, nn.Module):
     IGNORE_UNEXPECTED = (f"{PREFIX}.embeddings.position_ids",)
 
     def __post_init__(self):
-        problems = []
-        if self.hidden_act not in ACTIVATIONS:
-            problems.append(f"hidden_act={self.hidden_act!r} (only {' / '.join(ACTIVATIONS)} are implemented)")
-        if self.hidden_size % self.num_attention_heads:
-            problems.append(f"hidden_size={self.hidden_size} is not a multiple of "
-                            f"num_attention_heads={self.num_attention_heads}")
+        problems = encoder_config_problems(self)
         if self.eos_token_id is None:
             problems.append("eos_token_id is None (the pooled output needs it)")
         if problems:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from pmf_jax.errors import PMFInputError
-from pmf_jax.models.clip_text import ACTIVATIONS, CLIPEncoder, CLIPTextModel
+from pmf_jax.models.clip_text import CLIPEncoder, CLIPTextModel, encoder_config_problems
 from pmf_jax.models.configurable import PretrainedMixin, config_of
 
 PREFIX = "vision_model"
@@ -125,12 +125,7 @@ class CLIPVisionModelWithProjection(PretrainedMixin, nn.Module):
     IGNORE_UNEXPECTED = (f"{PREFIX}.embeddings.position_ids",)
 
     def __post_init__(self):
-        problems = []
-        if self.hidden_act not in ACTIVATIONS:
-            problems.append(f"hidden_act={self.hidden_act!r} (only {' / '.join(ACTIVATIONS)} are implemented)")
-        if self.hidden_size % self.num_attention_heads:
-            problems.append(f"hidden_size={self.hidden_size} is not a multiple of "
-                            f"num_attention_heads={self.num_attention_heads}")
+        problems = encoder_config_problems(self)
         for key in ("image_size", "patch_size"):
             if not isinstance(getattr(self, key), int):
                 problems.append(f"{key}={getattr(self, key)!r} (only a single int, a square, is implemented)")

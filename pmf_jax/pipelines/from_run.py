@@ -56,6 +56,12 @@ def pipeline_params(mode: str, params: Dict[str, Any], frozen: Dict[str, Any]) -
     out = {"unet": params["unet"], "controlnet": params["controlnet"], "vae": frozen["autoencoder"]}
     if mode == "acm":
         out["reference"] = params["reference_unet"]
+    if "ip_adapter" in params and mode != "controlnet_only":  # as RetargetPipeline holds an IP-Adapter
+        from pmf_jax.training.image_prompt import merge_ip_kernels
+
+        out["unet"] = merge_ip_kernels(params["unet"], params["ip_adapter"]["attn2"])
+        out["image_proj"] = params["ip_adapter"]["image_proj"]
+        out["image_encoder"] = frozen["image_encoder"]
     return out
 
 
@@ -82,18 +88,29 @@ def _from_parts(run: RunParts, mode: str) -> RetargetPipeline:
     from pmf_jax.training.components import sampling_scheduler_config
 
     comps = run.components
-    if mode == "ip_adapter" or run.cfg.model.ip_adapter:
-        raise PMFInputError("a pipeline of a run in memory does not read an IP-Adapter yet: sample an IP-Adapter run "
-                            "from its config's model folders (model.ip_adapter) or its export")
     if comps.controlnet is None:
         raise PMFInputError("the retarget pipeline needs a pose ControlNet (config train.stage=2)")
+    if mode == "ip_adapter" and "ip_adapter" not in run.params:
+        raise PMFInputError("mode ip_adapter needs a run with an IP-Adapter (config model.ip_adapter)")
     params = pipeline_params(mode, run.params, run.frozen)
-    return RetargetPipeline(
-        unet=(comps.unet, params["unet"]), controlnet=(comps.controlnet, params["controlnet"]),
+    image_prompt = {}
+    if "ip_adapter" in run.params and mode != "controlnet_only":
+        from pmf_jax.training.image_prompt import ip_adapter_weights
+
+        parts = comps.image_prompt  # the pipeline merges the adapter's kernels into the UNet itself
+        image_prompt = dict(ip_adapter=ip_adapter_weights(parts, run.params["ip_adapter"]),
+                            image_encoder=(parts.image_encoder, params["image_encoder"]),
+                            image_processor=parts.processor)
+    pipe = RetargetPipeline(
+        unet=(comps.unet, run.params["unet"] if image_prompt else params["unet"]),
+        controlnet=(comps.controlnet, params["controlnet"]),
         vae=(comps.autoencoder, params["vae"]),  # the identity autoencoder too (its patch size)
         reference_unet=(comps.reference_unet, params["reference"]) if mode == "acm" else None, mode=mode,
         context=_context(run.frozen), native_size=run.cfg.data.height_width,
-        scheduler_config=sampling_scheduler_config(comps, run.cfg.train.prediction_type))
+        scheduler_config=sampling_scheduler_config(comps, run.cfg.train.prediction_type), **image_prompt)
+    if image_prompt:
+        pipe.ip_adapter_scale = run.cfg.sampling.ip_adapter_scale
+    return pipe
 
 
 def _from_folders(cfg, mode: str, allow_pickle: bool = False) -> RetargetPipeline:
@@ -104,7 +121,7 @@ def _from_folders(cfg, mode: str, allow_pickle: bool = False) -> RetargetPipelin
     reference_unet = (model.reference_unet or model.base) if mode == "acm" else None
     ip_adapter = image_encoder = None
     if model.ip_adapter and mode != "controlnet_only":  # a plain ControlNet baseline of an IP-Adapter config
-        from pmf_jax.training.components import image_encoder_folder, ip_adapter_file
+        from pmf_jax.training.image_prompt import image_encoder_folder, ip_adapter_file
 
         ip_adapter, image_encoder = ip_adapter_file(model.ip_adapter), image_encoder_folder(model)
     elif mode == "ip_adapter":

@@ -43,6 +43,14 @@ SD15_CONTROLNET = {
     **{k: SD15_UNET[k] for k in ("block_out_channels", "layers_per_block", "attention_head_dim",
                                  "cross_attention_dim", "norm_num_groups", "norm_eps", "down_block_types")},
 }
+# IP-Adapter's SD1.5 image encoder (h94/IP-Adapter models/image_encoder: OpenCLIP ViT-H/14) and adapter
+# (ip-adapter_sd15: 4 tokens from the 1024-wide image_embeds).
+VIT_H14 = {
+    "_class_name": "CLIPVisionModelWithProjection", "hidden_size": 1280, "intermediate_size": 5120,
+    "num_hidden_layers": 32, "num_attention_heads": 16, "patch_size": 14, "image_size": 224, "projection_dim": 1024,
+    "hidden_act": "gelu", "layer_norm_eps": 1e-5,
+}
+SD15_IP_ADAPTER_TOKENS = 4
 SD15_VAE = {
     "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": 512,
     "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
@@ -59,6 +67,7 @@ class ConfigOnlySource(components_lib.PretrainedSource):
         self.model_cfg = model_cfg
         self.notes: List[str] = []
         self.context_dim = SD15_UNET["cross_attention_dim"]
+        self.base_unet = None  # the base UNet module once built (the IP-Adapter is shaped for it)
 
     def _builtin(self, path, subfolder) -> Tuple[str, dict]:
         m = self.model_cfg
@@ -89,11 +98,48 @@ class ConfigOnlySource(components_lib.PretrainedSource):
         cls = model_class_for_config(config, folder)
         module = cls.from_config(config, dtype=dtype, attention_backend=attention_backend, **module_kwargs)
         if subfolder == "unet":  # the base UNet: its cross-attention width is the text context's
+            self.base_unet = module
             dim = module.cross_attention_dim
             self.context_dim = dim if isinstance(dim, int) else dim[0]
         target = jnp.dtype(param_dtype or dtype)
         params = jax.tree_util.tree_map(lambda a: a.astype(target), module.init_params(jax.random.key(0)))
         return module, params
+
+    def image_encoder(self, m, dtype):
+        """The CLIP image encoder of ``model.image_encoder`` from its config.json, else the built-in ViT-H/14."""
+        from pmf_jax.models.clip_image_processor import ImageProcessorConfig
+        from pmf_jax.models.clip_vision import CLIPVisionModelWithProjection
+
+        try:
+            module, params = self.model(components_lib.image_encoder_folder(m), dtype=dtype, param_dtype=jnp.float32,
+                                        attention_backend=m.attention_backend)
+        except PMFInputError:
+            module = CLIPVisionModelWithProjection.from_config(VIT_H14, dtype=dtype,
+                                                               attention_backend=m.attention_backend)
+            params = module.init_params(jax.random.key(0))
+            self.notes.append("image encoder: not on this machine; built-in ViT-H/14 config (IP-Adapter SD1.5)")
+        return module, params, ImageProcessorConfig.for_image_size(module.image_size)
+
+    def ip_adapter(self, m):
+        """IP-Adapter (the SD1.5 layout: 4 tokens of the image encoder's 1024-wide embeddings) shaped for the base
+        UNet built last, zeros (under eval_shape: shapes only; the file is not read)."""
+        from pmf_jax.io.ip_adapter import IPAdapterWeights, cross_attention_shapes
+        from pmf_jax.models.image_projection import ImageProjection
+
+        if self.base_unet is None:
+            raise PMFInputError("the IP-Adapter is planned after the base UNet (model.base)")
+        unet_params = jax.eval_shape(self.base_unet.init_params, jax.random.key(0))
+        shapes = cross_attention_shapes(unet_params)
+        dim = next(iter(shapes.values()))[0]
+        projection = ImageProjection(image_embed_dim=VIT_H14["projection_dim"], cross_attention_dim=dim,
+                                     num_tokens=SD15_IP_ADAPTER_TOKENS)
+        attention = {2 * i + 1: {name: jnp.zeros(shape, jnp.float32) for name in ("to_k_ip", "to_v_ip")}
+                     for i, shape in enumerate(shapes.values())}
+        self.notes.append(f"IP-Adapter: SD1.5 layout ({SD15_IP_ADAPTER_TOKENS} tokens, {len(shapes)} attn2 layers); "
+                          f"{m.ip_adapter} not read")
+        return IPAdapterWeights(kind="ip_adapter", image_projection=projection,
+                                image_proj_params=projection.init_params(jax.random.key(0)),
+                                attention_params=attention, source=str(m.ip_adapter))
 
     def empty_prompt_context(self, m, dtype):
         """Zeros of the CLIP encoding's shape [1, 77, D] (values do not matter to a compile)."""

@@ -14,7 +14,7 @@ import math
 import queue
 import threading
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 KEEP_FINISHED = 256  # finished jobs whose status stays readable
 

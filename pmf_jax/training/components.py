@@ -5,6 +5,14 @@ the autoencoder (SD VAE, or the identity in pixel space) and the text context (C
 for prompt-free tiny models). ``train.trainable`` names the parts that train; empty, the design's recipe by stage
 (:func:`trainable_parts`: stage 1 the ACM, stage 2 the ControlNet). In ``reference.mode=reference_only`` there is no
 ``reference_unet`` part: the denoising UNet writes the bank, in training as at inference (:attr:`Components.writer`).
+
+With ``model.ip_adapter`` (IP-Adapter) the UNet also reads image-prompt tokens of the source; in
+``reference.mode=ip_adapter`` (the design's Method 2) they replace the bank, which is not written. The part
+``ip_adapter`` holds what IP-Adapter adds, as one plain pytree
+(:func:`pmf_jax.training.image_prompt.ip_adapter_tree`): ``{"image_proj": <the image projection's tree>, "attn2": <a UNet-shaped tree holding only
+.../attn2/to_k_ip/kernel and .../attn2/to_v_ip/kernel>}``, started from ``model.ip_adapter`` (a public-format file);
+the frozen CLIP image encoder (``model.image_encoder``) is ``frozen["image_encoder"]``, the static side
+(:class:`~pmf_jax.training.image_prompt.ImagePromptParts`) is :attr:`Components.image_prompt`.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
 from pmf_jax.constants import SD15_NOISE_SCHEDULE
 from pmf_jax.errors import PMFInputError
 from pmf_jax.io import from_pretrained
@@ -25,8 +34,11 @@ from pmf_jax.io.hub import resolve_folder
 from pmf_jax.models.controlnet import ControlNetModel, check_controlnet_fits, controlnet_from_unet
 from pmf_jax.models.unet import UNet2DConditionModel
 from pmf_jax.schedulers import make_scheduler
+from pmf_jax.models.clip_image_processor import ImageProcessorConfig
+from pmf_jax.training.image_prompt import ImagePromptParts, build_image_prompt, image_encoder_folder, ip_adapter_file
 
-PARTS = ("unet", "reference_unet", "controlnet")
+PARTS = ("unet", "reference_unet", "controlnet", "ip_adapter")
+IP_ADAPTER_MODE = "ip_adapter"  # reference.mode of IP-Adapter runs (no bank; the UNet reads image tokens)
 # Runs without a pretrained base train on SD1.5's betas (the training noise needs no sampling-time offset).
 DEFAULT_NOISE_SCHEDULE = SD15_NOISE_SCHEDULE
 
@@ -43,14 +55,18 @@ class Components:
     trainable: Tuple[str, ...]
     context_shape: Tuple[int, int]  # [T, D] of the (empty-prompt) text context
     #: the part whose parameters write the bank: "reference_unet" (mode acm) or "unet" (reference_only, where
-    #: ``reference_unet`` is the denoising UNet's module and has no parameters of its own).
-    writer: str = "reference_unet"
+    #: ``reference_unet`` is the denoising UNet's module and has no parameters of its own); None in ip_adapter (no
+    #: bank).
+    writer: Optional[str] = "reference_unet"
+    #: IP-Adapter's modules (model.ip_adapter set), else None.
+    image_prompt: Optional[ImagePromptParts] = None
 
     @staticmethod
     def check_mode(mode: str) -> None:
         if mode == "controlnet_only":
-            raise PMFInputError("reference.mode=controlnet_only has no reference bank to train; train with acm or "
-                                "reference_only (controlnet_only is a sampling mode, e.g. for pmf eval generate)")
+            raise PMFInputError("reference.mode=controlnet_only has no reference bank to train; train with acm, "
+                                "reference_only or ip_adapter (controlnet_only is a sampling mode, e.g. for pmf eval "
+                                "generate)")
 
     def encode(self, ae_params, images):
         """images [B, H, W, 3] in [-1, 1] -> latents [B, h, w, C] float32 for the UNet
@@ -62,7 +78,8 @@ class Components:
 
 def trainable_parts(train_cfg, mode: str = "acm") -> Tuple[str, ...]:
     """``train.trainable``, checked; empty: the design's recipe, stage 1 the ACM (``reference_unet``; the ``unet`` in
-    reference_only, where it writes the bank), stage 2 the pose ControlNet alone (everything else frozen)."""
+    reference_only, where it writes the bank), stage 2 the pose ControlNet alone (everything else frozen); in
+    ip_adapter the adapter (``ip_adapter``: image projection + to_k_ip/to_v_ip)."""
     if train_cfg.trainable:
         bad = [p for p in train_cfg.trainable if p not in PARTS]
         if bad:
@@ -70,7 +87,12 @@ def trainable_parts(train_cfg, mode: str = "acm") -> Tuple[str, ...]:
         if mode == "reference_only" and "reference_unet" in train_cfg.trainable:
             raise PMFInputError(f"config train.trainable={list(train_cfg.trainable)} names reference_unet, but in "
                                 f"reference.mode=reference_only the denoising UNet writes the bank: train unet")
+        if mode == IP_ADAPTER_MODE and "reference_unet" in train_cfg.trainable:
+            raise PMFInputError(f"config train.trainable={list(train_cfg.trainable)} names reference_unet, but "
+                                f"reference.mode=ip_adapter writes no reference bank: train ip_adapter")
         return tuple(train_cfg.trainable)
+    if mode == IP_ADAPTER_MODE:
+        return ("ip_adapter",)
     if train_cfg.stage == 2:
         return ("controlnet",)
     return ("unet",) if mode == "reference_only" else ("reference_unet",)
@@ -99,6 +121,20 @@ class PretrainedSource:
         """[1, T, D] text context of the empty prompt (``m``: the config's model section)."""
         return _empty_prompt_context(m, dtype, self.allow_pickle)
 
+    def ip_adapter(self, m):
+        """The starting adapter of ``model.ip_adapter`` (:class:`~pmf_jax.io.ip_adapter.IPAdapterWeights`, float32)."""
+        from pmf_jax.io.ip_adapter import load_ip_adapter
+
+        return load_ip_adapter(ip_adapter_file(m.ip_adapter), allow_pickle=self.allow_pickle)
+
+    def image_encoder(self, m, dtype):
+        """``(module, params, processor config)`` of the CLIP image encoder (``model.image_encoder``: its folder;
+        null: the ``image_encoder/`` folder beside the adapter file, h94/IP-Adapter's layout)."""
+        folder = image_encoder_folder(m)
+        module, params = self.model(folder, dtype=dtype, param_dtype=jnp.float32,
+                                    attention_backend=m.attention_backend)
+        return module, params, ImageProcessorConfig.from_folder(folder, image_size=module.image_size)
+
     def scheduler_config(self, m) -> Optional[dict]:
         """The base's ``scheduler/scheduler_config.json`` as a dict, or None when it has none."""
         path = resolve_folder(m.base, revision=m.revision) / "scheduler" / "scheduler_config.json"
@@ -108,8 +144,9 @@ class PretrainedSource:
 def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Components, Dict[str, Any], Dict[str, Any]]:
     """Loads or creates every part (pretrained parts through ``source``, default :class:`PretrainedSource`).
 
-    Returns ``(components, params, frozen)``: ``params`` {part: tree} of every UNet-like part (trainable or not),
-    ``frozen`` {"autoencoder": tree, "context": [1, T, D] array} of what never trains.
+    Returns ``(components, params, frozen)``: ``params`` {part: tree} of every UNet-like part (trainable or not;
+    and ``ip_adapter`` with an IP-Adapter), ``frozen`` {"autoencoder": tree, "context": [1, T, D] array} of what
+    never trains (and "image_encoder": tree with an IP-Adapter).
     """
     source = source or PretrainedSource(allow_pickle=cfg.model.allow_pickle)
     Components.check_mode(cfg.reference.mode)
@@ -128,10 +165,12 @@ def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Compo
     else:
         raise PMFInputError("config model.base (an SD folder/repo) or model.unet_config (a UNet config.json for a "
                             "randomly initialised model) must be set")
-    if mode == "reference_only":  # the denoising UNet writes its own bank
+    if mode in ("reference_only", IP_ADAPTER_MODE):  # the denoising UNet writes its own bank, or none is written
         if m.reference_unet:
+            why = ("the denoising UNet writes the bank" if mode == "reference_only" else
+                   "no reference bank is written")
             raise PMFInputError(f"config model.reference_unet={m.reference_unet!r} is used by reference.mode=acm "
-                                f"only; in reference_only the denoising UNet writes the bank (set it to null)")
+                                f"only; in {mode} {why} (set it to null)")
         ref_unet = unet
     elif m.reference_unet:
         ref_unet, params["reference_unet"] = source.model(*_part_of(m.reference_unet, "reference_unet"),
@@ -152,14 +191,24 @@ def build(cfg, rng, *, source: Optional[PretrainedSource] = None) -> Tuple[Compo
                 unet, params["unet"], rng_cn, conditioning_embedding_out_channels=(16, 32, 96, 256)[:stages])
     base_schedule = source.scheduler_config(m) if m.base else None
     noise_scheduler = make_scheduler("ddpm", noise_schedule_config(cfg, base_schedule))
+    image_prompt, extra_frozen = None, {}
+    if "ip_adapter" in trainable and not m.ip_adapter:
+        raise PMFInputError(f"config train.trainable={list(trainable)} names ip_adapter, but model.ip_adapter is "
+                            f"null (the IP-Adapter weight file to start from)")
+    if mode == IP_ADAPTER_MODE or m.ip_adapter:
+        image_prompt, params["ip_adapter"], extra_frozen["image_encoder"] = build_image_prompt(m, unet, params["unet"],
+                                                                                          dtype, source)
+    writer = {"reference_only": "unet", IP_ADAPTER_MODE: None}.get(mode, "reference_unet")
     components = Components(unet, ref_unet, controlnet, autoencoder, noise_scheduler, trainable,
-                            tuple(context.shape[1:]), writer="unet" if mode == "reference_only" else "reference_unet")
+                            tuple(context.shape[1:]), writer=writer, image_prompt=image_prompt)
     # What trains is stored in model.param_dtype, what is frozen in model.frozen_param_dtype.
     frozen_dtype, param_dtype = jnp.dtype(m.frozen_param_dtype), jnp.dtype(m.param_dtype)
     for part in params:
         part_dtype = param_dtype if part in trainable else frozen_dtype
         params[part] = jax.tree_util.tree_map(lambda a: a.astype(part_dtype), params[part])
     frozen = {"autoencoder": jax.tree_util.tree_map(lambda a: a.astype(frozen_dtype), ae_params), "context": context}
+    for name, tree in extra_frozen.items():
+        frozen[name] = jax.tree_util.tree_map(lambda a: a.astype(frozen_dtype), tree)
     return components, params, frozen
 
 

@@ -5,6 +5,13 @@
     residuals = controlnet(x_t, t, pose [, bank])                      (stage 2)
     pred = unet(x_t, t, ctx, residuals, reference=read(bank, drop))    drop: per-sample reference dropout
     loss = mean_b w_b · mean((pred − target_b)²)                         target ε, v or x0; w: min-SNR-γ (optional)
+
+With an IP-Adapter (``components.image_prompt``: model.ip_adapter; reference.mode=ip_adapter writes no bank, acm
+and reference_only write it too) the UNet also reads the source as an image prompt:
+
+    f = clip(preprocess(source)) [zero where drop]                     frozen image encoder; drop: the rows whose
+    tokens = image_proj(f)                                             reference is dropped (one draw for both)
+    pred = unet[+ to_k_ip/to_v_ip](x_t, t, ctx, residuals [, reference], ip_tokens=tokens, ip_scale=1)
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pmf_jax.reference import ReferenceConfig, ReferenceRead, write_inputs
+from pmf_jax.training.image_prompt import merge_ip_kernels
 
 
 def min_snr_weights(snr, gamma: float, prediction_type: str):
@@ -44,22 +52,45 @@ def pmf_loss(params: Dict[str, Any], frozen: Dict[str, Any], batch: Dict[str, ja
     x_t = sched.add_noise(x0, noise, t)
     target = {"epsilon": noise, "v_prediction": sched.velocity(x0, noise, t), "sample": x0}[train_cfg.prediction_type]
 
-    ref_in, ref_t = write_inputs(reference_cfg, ref_latents, t, jax.random.normal(k_ref_noise, ref_latents.shape),
-                                 sched.add_noise)
-    bank = c.reference_unet.apply({"params": params[c.writer]}, ref_in, ref_t, context, reference_cfg,
-                                  method=c.reference_unet.write_reference)
-    # Reference dropout for appearance guidance: dropped rows attend plainly (ref_mix = 1).
-    ref_mix = (jax.random.uniform(k_drop, (b,)) < train_cfg.reference_drop_prob).astype(jnp.float32)
-    read = ReferenceRead.build(bank, reference_cfg, b, ref_mix=ref_mix)
+    # Reference dropout for appearance guidance: dropped rows attend plainly (ref_mix = 1) and, with an IP-Adapter,
+    # read the image prompt of no image.
+    read, metrics, unet_params, image_prompt = None, {}, params["unet"], {}
+    if c.image_prompt is not None:
+        drop = jax.random.uniform(k_drop, (b,)) < train_cfg.reference_drop_prob
+        unet_params, image_prompt = _image_prompt(params, frozen, batch, c, drop)
+        metrics["image_prompt_dropped"] = jnp.mean(drop.astype(jnp.float32))
+    if c.writer is not None:
+        ref_in, ref_t = write_inputs(reference_cfg, ref_latents, t,
+                                     jax.random.normal(k_ref_noise, ref_latents.shape), sched.add_noise)
+        bank = c.reference_unet.apply({"params": params[c.writer]}, ref_in, ref_t, context, reference_cfg,
+                                      method=c.reference_unet.write_reference)
+        ref_mix = (jax.random.uniform(k_drop, (b,)) < train_cfg.reference_drop_prob).astype(jnp.float32)
+        read = ReferenceRead.build(bank, reference_cfg, b, ref_mix=ref_mix)
+        metrics["reference_dropped"] = jnp.mean(ref_mix)
     residuals = {}
-    if c.controlnet is not None:
+    if c.controlnet is not None:  # the ControlNet reads no image prompt (as in diffusers' ControlNet pipelines)
         cn_read = read if reference_cfg.controlnet_reads_reference else None
         down, mid = c.controlnet.apply({"params": params["controlnet"]}, x_t, t, context, batch["pose"],
                                        reference=cn_read)
         residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
-    pred = c.unet.apply({"params": params["unet"]}, x_t, t, context, reference=read, **residuals)
+    pred = c.unet.apply({"params": unet_params}, x_t, t, context, reference=read, **image_prompt, **residuals)
+    loss = _weighted_loss(pred, target, t, sched, train_cfg)
+    return loss, {"loss": loss, **metrics}
+
+
+def _weighted_loss(pred, target, t, sched, train_cfg):
     per_sample = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
     if train_cfg.min_snr_gamma:
         per_sample = per_sample * min_snr_weights(sched.snr(t), train_cfg.min_snr_gamma, train_cfg.prediction_type)
-    loss = jnp.mean(per_sample)
-    return loss, {"loss": loss, "reference_dropped": jnp.mean(ref_mix)}
+    return jnp.mean(per_sample)
+
+
+def _image_prompt(params, frozen, batch, c, drop):
+    """(UNet params with the ``ip_adapter`` part's ``to_k_ip``/``to_v_ip`` merged in, the UNet's image-prompt
+    keywords): the source's tokens through the part's image projection. The merge is a tree merge inside the trace,
+    so gradients reach the kernels. Rows where ``drop`` is set get diffusers' unconditional image features (what
+    classifier-free guidance on the image prompt compares with)."""
+    prompt = c.image_prompt
+    features = prompt.features(frozen["image_encoder"], batch["source"], drop)
+    tokens = prompt.tokens(params["ip_adapter"]["image_proj"], features)
+    return merge_ip_kernels(params["unet"], params["ip_adapter"]["attn2"]), dict(ip_tokens=tokens, ip_scale=1.0)
