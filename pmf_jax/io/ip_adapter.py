@@ -138,12 +138,9 @@ def _read_safetensors(path: Path) -> Dict[str, np.ndarray]:
 
 
 def _read_pickle(path: Path) -> Dict[str, np.ndarray]:
-    import torch
+    from pmf_jax.torch_compat.pickle_weights import load_pickle, to_numpy
 
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-        raise PMFInputError(f"cannot read pickle weights {path}: {err}") from err
+    state = load_pickle(path)
     if not isinstance(state, Mapping):
         raise PMFInputError(f"{path} holds a {type(state).__name__}, not a dict of tensors: not an IP-Adapter file")
     flat = {}
@@ -153,8 +150,7 @@ def _read_pickle(path: Path) -> Dict[str, np.ndarray]:
             for key, item in value.items():
                 visit(f"{prefix}.{key}" if prefix else str(key), item)
         elif hasattr(value, "detach"):
-            value = value.detach()
-            flat[prefix] = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+            flat[prefix] = to_numpy(value)
 
     visit("", state)
     return flat
@@ -171,12 +167,9 @@ def read_state_dict(path, *, allow_pickle: bool = False) -> Dict[str, np.ndarray
     if not path.is_file():
         raise PMFInputError(f"IP-Adapter weight file {path} does not exist")
     if path.suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            def refusal(option: str) -> str:
-                return (f"{path} is a pickle file, which can run arbitrary code when loaded; refusing it. Convert it "
-                        f"to safetensors, or pass {option} if you trust its source")
+        from pmf_jax.torch_compat.pickle_weights import check_pickle_allowed
 
-            raise PMFInputError(refusal("allow_pickle=True"), cli_message=refusal("--allow-pickle"))
+        check_pickle_allowed(path, allow_pickle)
         return _read_pickle(path)
     if path.suffix != ".safetensors":
         raise PMFInputError(f"{path} is not an IP-Adapter weight file: expected .safetensors (or a torch pickle "

@@ -73,15 +73,9 @@ def load_state_dict(folder: Path, stem: str, *, variant: Optional[str] = None,
     """Reads every tensor of a model folder into numpy (torch naming and layout)."""
     files, pickle_file = _weight_files(folder, stem, variant)
     if pickle_file is not None:
-        if not allow_pickle:
-            def refusal(option: str) -> str:
-                return (f"{pickle_file} is a pickle file, which can run arbitrary code when loaded; refusing it. "
-                        f"Convert it to safetensors, or pass {option} if you trust its source")
+        from pmf_jax.torch_compat.pickle_weights import check_pickle_allowed, load_pickle_state_dict
 
-            # a Python caller reads the argument's name, a `pmf` user the flag's
-            raise PMFInputError(refusal("allow_pickle=True"), cli_message=refusal("--allow-pickle"))
-        from pmf_jax.torch_compat.pickle_weights import load_pickle_state_dict
-
+        check_pickle_allowed(pickle_file, allow_pickle)
         return load_pickle_state_dict(pickle_file)
     state = {}
     for path in files:
