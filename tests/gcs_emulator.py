@@ -1,0 +1,75 @@
+"""A GCS-protocol storage server for the tests: ``gcp-storage-emulator`` (the real server, from pip) on 127.0.0.1,
+started in its own process by :func:`start`, with one access rule added: every request for a bucket whose name
+starts with ``forbidden`` is answered 403 (the emulator has no IAM; this is how the tests see a permission error).
+
+``python tests/gcs_emulator.py PORT DATA_DIR BUCKET...`` runs the server (what :func:`start` launches).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from http import HTTPStatus
+from pathlib import Path
+
+FORBIDDEN_PREFIX = "forbidden"
+
+
+def _serve(port: int, data_dir: str, buckets: list) -> None:
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import buckets as bucket_handlers
+
+    handle = server.Router.handle
+
+    def handle_with_rule(self, method):
+        path = self._request_handler.path.split("?", 1)[0]
+        if f"/b/{FORBIDDEN_PREFIX}" in path or path.startswith(f"/{FORBIDDEN_PREFIX}"):
+            body = json.dumps({"error": {"code": 403, "message": "Forbidden: the test server's access rule"}})
+            handler = self._request_handler
+            handler.send_response(HTTPStatus.FORBIDDEN)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body.encode())
+            return
+        return handle(self, method)
+
+    server.Router.handle = handle_with_rule
+    srv = server.create_server("127.0.0.1", port, in_memory=False, data_dir=data_dir)
+    for name in buckets:
+        bucket_handlers.create_bucket(name, srv._storage)
+    srv.run()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(data_dir, buckets=("pmf-test",), log=None):
+    """Starts the server; returns (process, "http://127.0.0.1:PORT") once it accepts connections."""
+    port = free_port()
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, __file__, str(port), str(data_dir), *buckets],
+                            stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the storage emulator exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the storage emulator did not start within 60 s")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    _serve(int(sys.argv[1]), sys.argv[2], sys.argv[3:])
