@@ -8,12 +8,21 @@ optional worker processes, and an iterator state that checkpoints and restores t
     it = iter(loader)
     batch = next(it)            # dict of numpy arrays, see make_loader
     state = it.get_state()      # bytes; it.set_state(state) on a fresh iterator resumes at the next batch
+
+**A data_dir on a bucket** (``gs://bucket/tfds``): array_record's reader opens local files only (it cannot read
+``gs://``), so the prepared files of the one dataset read, ``<data_dir>/<name>/<config>`` (TFDS's layout
+``data_dir/name/config/version/...``), are staged with :func:`pmf_jax.storage.local_copy` into the storage cache
+(``$PMF_STORAGE_CACHE`` or ``~/.cache/pmf_jax/storage/gs/<bucket>/<path>``, with a progress bar, reused while the
+objects are unchanged) and the cache folder is used as the data_dir (:func:`local_data_dir`; a line on stderr says
+so). Building (:func:`build`) into a bucket is refused: prepare locally, then copy the folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -22,6 +31,7 @@ import jax
 import numpy as np
 from absl import flags as absl_flags
 
+from pmf_jax.batch_sampler import slice_batches
 from pmf_jax.errors import PMFInputError
 from pmf_jax.pose.keypoints import affine_keypoints, flip_keypoints
 from pmf_jax.pose.render import line_widths_for, render_pose
@@ -60,8 +70,31 @@ def builder_class(name: str):
         raise PMFInputError(message) from None
 
 
+def local_data_dir(name: str, data_dir, config=None, cls=None):
+    """``data_dir`` itself when local; for a URL, the local cache folder holding a copy of
+    ``<data_dir>/<name>/<config>`` (``<name>`` whole when the config is not known), used as the data_dir (module
+    docstring). Raises PMFInputError for an unreachable server, a missing bucket or dataset, a permission error."""
+    from pmf_jax import storage
+
+    if data_dir is None or not storage.is_url(data_dir):
+        return data_dir
+    config_name = getattr(config, "name", config)
+    if config_name is None and cls is not None and cls.BUILDER_CONFIGS:
+        config_name = cls.DEFAULT_BUILDER_CONFIG_NAME or cls.BUILDER_CONFIGS[0].name
+    remote = storage.as_path(data_dir) / name
+    if config_name:
+        remote = remote / config_name
+    local = storage.local_copy(remote, desc=f"stage {remote}")
+    root = local.parent.parent if config_name else local.parent
+    print(f"pmf_jax: TFDS data_dir {os.fspath(data_dir)}: array_record reads local files only; {name}/"
+          f"{config_name or ''} staged in {root} (reused while the bucket's files are unchanged)", file=sys.stderr,
+          flush=True)
+    return root
+
+
 def builder(name: str, data_dir: str | Path, config=None, **builder_kwargs):
-    """A TFDS builder reading/writing ``data_dir/<name>/<config>/<version>`` in array_record format.
+    """A TFDS builder reading/writing ``data_dir/<name>/<config>/<version>`` in array_record format. A URL
+    ``data_dir`` is read from a local copy (module docstring: :func:`local_data_dir`).
 
     ``config`` is a config name or a BuilderConfig object (a custom config, e.g. other TikTok test videos). A name
     the builder class does not define (a custom config built before), or any name where the builder code is not
@@ -80,6 +113,7 @@ def builder(name: str, data_dir: str | Path, config=None, **builder_kwargs):
         if name not in DATASETS:
             raise
         cls = None
+    data_dir = local_data_dir(name, data_dir, config, cls)
     if cls is not None and not (isinstance(config, str) and config not in cls.builder_configs):
         return cls(data_dir=str(data_dir), config=config, **builder_kwargs)
     try:
@@ -100,6 +134,11 @@ def build(name: str, data_dir: str | Path, config=None, manual_dir: str | Path |
     """
     import tensorflow_datasets as tfds
 
+    from pmf_jax import storage
+
+    if data_dir is not None and storage.is_url(data_dir):
+        raise PMFInputError(f"data_dir {os.fspath(data_dir)}: datasets are built into a local folder; build there, "
+                            f"then copy <data_dir>/{name} to the bucket")
     cls = builder_class(name)
     if isinstance(config, str) and config not in cls.builder_configs:
         raise PMFInputError(
@@ -258,7 +297,9 @@ def make_loader(
       num_epochs: None repeats forever.
       worker_count: 0 transforms in this process; N > 0 uses N worker processes (same batches either way).
       shard_index, shard_count: this host's shard; default ``jax.process_index()``/``jax.process_count()``. Hosts see
-        disjoint examples (interleaved positions of one global order); a remainder of the epoch is dropped.
+        disjoint examples: host k the k-th consecutive slice of each global batch of one global order
+        (:mod:`pmf_jax.batch_sampler`), so any host count gives the same global batches; a remainder of the epoch
+        is dropped.
       drop_remainder: drop a last partial batch (keep batches the same shape for jit).
       keep_names: also return ``person_id``, ``source_name``, ``target_name`` (string arrays ``[B]``; not for jax).
     Returns:
@@ -281,14 +322,14 @@ def make_loader(
     source = data_source(dataset_name, split, data_dir, config)
     if worker_count and not absl_flags.FLAGS.is_parsed():  # grain's worker processes read its absl flags
         raise PMFInputError(f"worker_count={worker_count}: absl flags are not parsed; {SETUP_HINT}")
-    # The sampler orders the whole split; the DataLoader's sharding gives host k the positions k, k + n, k + 2n, ...
-    sampler = grain.samplers.IndexSampler(
+    # The sampler orders the whole split; host k reads the k-th consecutive slice of every global batch.
+    sampler = slice_batches(grain.samplers.IndexSampler(
         num_records=len(source),
         shard_options=grain.sharding.NoSharding(),
         shuffle=shuffle,
         num_epochs=num_epochs,
         seed=seed,
-    )
+    ), batch_size, shard_index, shard_count)
     transform = PairTransform(size=size, augment=augment, keep_names=keep_names)
     return grain.DataLoader(
         data_source=source,

@@ -49,7 +49,9 @@ def enable_compilation_cache(cache_dir: CacheSetting = None) -> Optional[Path]:
     Args:
       cache_dir: a folder; ``None`` (or ``True``) = ``$PMF_JAX_CACHE_DIR`` or ``~/.cache/pmf_jax/jax_cache``;
         ``False`` = leave the cache as it is. A cache directory the user already configured for JAX
-        (``JAX_COMPILATION_CACHE_DIR``) is kept.
+        (``JAX_COMPILATION_CACHE_DIR``) is kept. A URL (``gs://bucket/jax_cache``) is used as it is: JAX writes
+        its cache through ``etils.epath``; it is checked writable (:func:`pmf_jax.storage.check_writable`: the
+        server is reachable, the bucket exists) instead of created.
     Returns:
       The cache folder in use, or None.
     """
@@ -59,9 +61,18 @@ def enable_compilation_cache(cache_dir: CacheSetting = None) -> Optional[Path]:
 
     current = jax.config.jax_compilation_cache_dir
     if current:
-        return Path(current)
+        from pmf_jax import storage
+
+        return storage.as_path(current) if storage.is_url(current) else Path(current)
     given = None if cache_dir is True else cache_dir
-    folder = Path(given or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser()
+    setting = given or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
+    from pmf_jax import storage
+
+    if storage.is_url(setting):  # no mkdir: object stores have no folders
+        folder = storage.check_writable(setting, "compilation cache")
+        jax.config.update("jax_compilation_cache_dir", os.fspath(folder))
+        return folder
+    folder = Path(setting).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -208,6 +208,21 @@ def remove_tree(path: Location) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def move_tree(source: Location, target: Location) -> Path:
+    """Renames a folder: ``os.replace`` locally; on a URL each object is copied server-side, then the source deleted
+    (object stores have no rename)."""
+    source, target = as_path(source), as_path(target)
+    if not is_url(source):
+        os.replace(source, target)
+        return target
+    fs, inner = filesystem(source)
+    _, inner_target = filesystem(target)
+    for name in fs.find(inner):
+        fs.copy(name, inner_target + name[len(inner):])
+    fs.rm(inner, recursive=True)
+    return target
+
+
 def _publish_order(files: Iterable[LocalPath], root: LocalPath) -> list:
     """Files in subfolders first, then the top-level files, the index files (INDEX_SUFFIXES) last."""
     def key(p: LocalPath):
@@ -246,8 +261,10 @@ def cache_root() -> LocalPath:
     return LocalPath(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
 
-def _listing(location: Path) -> dict:
-    """{relative name: [size, checksum or etag]} of every object under a URL."""
+def object_listing(location: Location) -> dict:
+    """{relative name: [size, checksum]} of every object under a URL (the store's crc32c, else its md5/etag/
+    generation); read from the listing, nothing is downloaded."""
+    location = as_path(location)
     fs, inner = filesystem(location)
     entries = fs.find(inner, detail=True)
     listing = {}
@@ -272,7 +289,7 @@ def local_copy(location: Location, *, desc: Optional[str] = None) -> LocalPath:
         return LocalPath(path)
     check_reachable(path)
     try:
-        listing = _listing(path)
+        listing = object_listing(path)
     except Exception as err:
         raise describe_error(err, path, "read") from None
     if not listing:
@@ -313,4 +330,4 @@ def content_hash(data: Union[str, bytes]) -> str:
 
 __all__ = ["EMULATOR_ENV", "INDEX_SUFFIXES", "Path", "as_local", "as_path", "bucket_of", "check_reachable",
            "check_writable", "content_hash", "describe_error", "filesystem", "is_nonempty_folder", "is_url",
-           "local_copy", "makedirs", "publish_folder", "remove_tree", "upload_file", "use_storage_emulator"]
+           "local_copy", "makedirs", "move_tree", "object_listing", "publish_folder", "remove_tree", "upload_file", "use_storage_emulator"]

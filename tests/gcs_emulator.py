@@ -1,6 +1,9 @@
 """A GCS-protocol storage server for the tests: ``gcp-storage-emulator`` (the real server, from pip) on 127.0.0.1,
 started in its own process by :func:`start`, with one access rule added: every request for a bucket whose name
-starts with ``forbidden`` is answered 403 (the emulator has no IAM; this is how the tests see a permission error).
+starts with ``forbidden`` is answered 403 (the emulator has no IAM; this is how the tests see a permission error),
+and one protocol gap closed: the emulator's media downloads lack the ``x-goog-generation`` and
+``x-goog-metageneration`` headers that Cloud Storage sends with every object read. TensorStore (orbax's OCDBT array
+writes) reads an object's generation from them and fails with "Malformed StorageGeneration" without them.
 
 ``python tests/gcs_emulator.py PORT DATA_DIR BUCKET...`` runs the server (what :func:`start` launches).
 """
@@ -22,6 +25,7 @@ FORBIDDEN_PREFIX = "forbidden"
 def _serve(port: int, data_dir: str, buckets: list) -> None:
     from gcp_storage_emulator import server
     from gcp_storage_emulator.handlers import buckets as bucket_handlers
+    from gcp_storage_emulator.handlers import objects
 
     handle = server.Router.handle
 
@@ -39,6 +43,23 @@ def _serve(port: int, data_dir: str, buckets: list) -> None:
         return handle(self, method)
 
     server.Router.handle = handle_with_rule
+
+    download = objects.download
+
+    def download_with_generation(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = str(obj["generation"])
+            response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+        except Exception:  # noqa: BLE001 - a missing object: the emulator's own handler answers 404
+            pass
+        return download(request, response, storage, *args, **kwargs)
+
+    objects.download = download_with_generation
+    for _, handlers in server.HANDLERS:
+        for method, handler in list(handlers.items()):
+            if handler is download:
+                handlers[method] = download_with_generation
     srv = server.create_server("127.0.0.1", port, in_memory=False, data_dir=data_dir)
     for name in buckets:
         bucket_handlers.create_bucket(name, srv._storage)

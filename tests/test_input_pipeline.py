@@ -89,6 +89,20 @@ def test_two_hosts_see_disjoint_examples_covering_the_epoch(data_dir):
     assert len(seen[0] | seen[1]) == NUM_TRAIN
 
 
+def test_two_hosts_slices_stitch_into_the_one_host_global_batches(data_dir):
+    """Host k reads the k-th consecutive slice of each global batch (pmf_jax.batch_sampler): process 0's rows then
+    process 1's are the one-host batch row for row (names and augmented pixels), so a 2-process run reproduces the
+    1-process loss."""
+    one = list(loader(data_dir, batch_size=4, num_epochs=1, keep_names=True, shard_index=0, shard_count=1))
+    hosts = [list(loader(data_dir, batch_size=2, num_epochs=1, keep_names=True, shard_index=k, shard_count=2))
+             for k in (0, 1)]
+    assert len(one) == len(hosts[0]) == len(hosts[1]) == NUM_TRAIN // 4
+    for whole, first, second in zip(one, *hosts):
+        assert [str(n) for n in whole["source_name"]] == [str(n) for n in (*first["source_name"],
+                                                                          *second["source_name"])]
+        np.testing.assert_array_equal(whole["source"], np.concatenate([first["source"], second["source"]]))
+
+
 def test_epochs_reshuffle_and_cover(data_dir):
     batches = list(loader(data_dir, batch_size=4, num_epochs=2, keep_names=True, augment=False))
     epochs = [[str(n) for b in batches[i : i + 4] for n in b["source_name"]] for i in (0, 4)]

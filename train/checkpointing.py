@@ -9,21 +9,21 @@ builds the abstract target from the *current* mesh's shardings, so a run saved o
 from __future__ import annotations
 
 import base64
-import signal
 import threading
-from pathlib import Path
 from typing import Any, Optional, Tuple
 
 import jax
 import orbax.checkpoint as ocp
 
+from pmf_jax import storage
 from pmf_jax.errors import PMFInputError
 from pmf_jax.io import checkpoint_checksums as checksums
 from train.logs import warn
 
 
-def checkpoint_dir(output_dir) -> Path:
-    return Path(output_dir).absolute() / "checkpoints"
+def checkpoint_dir(output_dir) -> storage.Path:
+    """``<output_dir>/checkpoints``, a local folder or a URL (``gs://bucket/run/checkpoints``)."""
+    return storage.as_path(output_dir) / "checkpoints"
 
 
 def make_manager(output_dir, keep: int, *, async_saves: bool = True) -> ocp.CheckpointManager:
@@ -79,7 +79,7 @@ class RunCheckpoints:
 
     def __init__(self, output_dir, keep: int, *, async_saves: bool = True):
         self.manager = make_manager(output_dir, keep, async_saves=async_saves)
-        self.directory = Path(self.manager.directory)
+        self.directory = storage.as_path(self.manager.directory)
         self._unsealed: list = []
         self._hashing: Optional[threading.Thread] = None
 
@@ -130,11 +130,11 @@ class RunCheckpoints:
         if jax.process_index() == 0:
             for step in steps:
                 folder = self.directory / str(step)
-                target, n = folder.with_name(f"{step}.{label}"), 1
+                target, n = self.directory / f"{step}.{label}", 1
                 while target.exists():
                     n += 1
-                    target = folder.with_name(f"{step}.{label}{n}")
-                folder.rename(target)
+                    target = self.directory / f"{step}.{label}{n}"
+                storage.move_tree(folder, target)
                 warn(f"checkpoint {folder} set aside as {target.name}")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -156,23 +156,3 @@ def _write_manifests(folders) -> None:
                 checksums.write_manifest(folder)
             except OSError as err:
                 warn(f"could not write the checksums of {folder}: {err}")
-
-
-class PreemptionFlag:
-    """Set by SIGTERM (a preempted VM, `kill`): the loop saves at the current step and exits 0."""
-
-    def __init__(self):
-        self._event = threading.Event()
-        self._previous = None
-
-    def install(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._event.set())
-        return self
-
-    def uninstall(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def __bool__(self):
-        return self._event.is_set()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
-from pathlib import Path
 from typing import Dict, Optional
 
 import jax
 import numpy as np
+
+from pmf_jax import storage
 
 
 def log(message: str) -> None:
@@ -24,57 +26,90 @@ def warn(message: str) -> None:
 
 
 class MetricWriter:
-    """Writes ``metrics.jsonl`` and TensorBoard event files under the run directory (process 0 only)."""
+    """Writes ``metrics.jsonl`` and TensorBoard event files under the run directory (process 0 only).
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    The run directory may be a URL (``gs://bucket/run``). Object stores cannot append: there ``metrics.jsonl`` is
+    rewritten whole at each row (one object write, so a reader sees the old or the new file), and TensorBoard writes
+    into a local folder whose event files are uploaded to ``<run>/tensorboard/`` after each flush.
+    """
+
+    def __init__(self, run_dir, tensorboard: bool = True):
         self.active = jax.process_index() == 0
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = storage.as_path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.remote = storage.is_url(self.run_dir)
         self._tb = None
+        self._tb_dir = self.run_dir / "tensorboard"
         if self.active and tensorboard:
             try:
                 from flax.metrics import tensorboard as flax_tb
 
-                self._tb = flax_tb.SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                local = tempfile.mkdtemp(prefix="pmf-tensorboard-") if self.remote else os.fspath(self._tb_dir)
+                self._tb_local = storage.as_path(local)
+                self._tb = flax_tb.SummaryWriter(local)
             except ImportError as err:  # tensorflow (the data extra) provides the event writer
                 log(f"TensorBoard logging off: {err}")
+
+    def _read(self) -> str:
+        return self.path.read_text() if self.path.is_file() else ""
+
+    def _write(self, text: str) -> None:
+        """Replaces metrics.jsonl with ``text`` (a rename locally, one object write on a store)."""
+        if self.remote:
+            self.path.write_text(text)
+            return
+        partial = self.path.parent / (self.path.name + ".partial")
+        partial.write_text(text)
+        os.replace(partial, self.path)
 
     def scalars(self, step: int, values: Dict[str, float]) -> None:
         if not self.active:
             return
         row = {"step": int(step), "time": round(time.time(), 3), **{k: float(v) for k, v in values.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(row) + "\n"
+        if self.remote:
+            self._write(self._read() + line)
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
         if self._tb is not None:
             for key, value in values.items():
                 self._tb.scalar(key, float(value), step)
-            self._tb.flush()
+            self._flush_tensorboard()
+
+    def _flush_tensorboard(self) -> None:
+        self._tb.flush()
+        if self.remote:
+            for event_file in self._tb_local.iterdir():
+                storage.upload_file(event_file, self._tb_dir / event_file.name)
 
     def drop_rows_after(self, step: int) -> None:
         """Keeps the rows of steps <= ``step`` (the restored checkpoint): the rows a killed run logged after its last
         checkpoint are logged again by the resumed run."""
         if not self.active or not self.path.is_file():
             return
-        rows = self.path.read_text().splitlines(keepends=True)
+        rows = self._read().splitlines(keepends=True)
         kept = [row for row in rows if _row_step(row) is not None and _row_step(row) <= step]
         if len(kept) != len(rows):
-            partial = self.path.with_name(self.path.name + ".partial")
-            partial.write_text("".join(kept))
-            os.replace(partial, self.path)
+            self._write("".join(kept))
 
     def last_step(self) -> Optional[int]:
         """The step of the last row (rows are only written for finite losses), or None."""
-        rows = read_metrics(self.path.parent)
+        rows = read_metrics(self.run_dir)
         return rows[-1]["step"] if rows else None
 
     def image(self, step: int, name: str, image: np.ndarray) -> None:
         """image: [H, W, 3] uint8 or float in [0, 1]."""
         if self.active and self._tb is not None:
             self._tb.image(name, np.asarray(image), step)
-            self._tb.flush()
+            self._flush_tensorboard()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            if self.remote:
+                for event_file in self._tb_local.iterdir():
+                    storage.upload_file(event_file, self._tb_dir / event_file.name)
 
 
 def _row_step(row: str) -> Optional[int]:
@@ -86,7 +121,7 @@ def _row_step(row: str) -> Optional[int]:
 
 
 def read_metrics(run_dir) -> list:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = storage.as_path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 

@@ -6,17 +6,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
-from pathlib import Path
 from typing import Dict, Optional
 
 import jax
 
-from pmf_jax import input_pipeline, runtime
+from pmf_jax import input_pipeline, runtime, storage
 from pmf_jax.progress import bar as progress_bar
-from pmf_jax.config import Config, save_config
+from pmf_jax.config import Config, dump_yaml, to_dict
 from pmf_jax.errors import PMFInputError
+from pmf_jax.parallel import distributed
 from pmf_jax.parallel import (batch_sharding, jit_sharded, make_global_batch, make_mesh, num_batch_shards,
                               param_shardings, replicated, rules_from_config)
 from pmf_jax.training import components as components_lib
@@ -48,32 +47,13 @@ def diverged_message(step: int, metrics: Dict[str, float], checkpoints, last_fin
     return text
 
 
-def maybe_initialize_distributed() -> None:
-    """Multi-host: ``jax.distributed.initialize()`` when launched that way.
-
-    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` are passed on
-    when set; ``PMF_DISTRIBUTED=1`` alone lets JAX detect the cluster (Cloud TPU pods, SLURM).
-    """
-    env = os.environ
-    if not (env.get("JAX_COORDINATOR_ADDRESS") or env.get("PMF_DISTRIBUTED") == "1"):
-        return
-    kwargs = {"initialization_timeout": int(env.get("PMF_INIT_TIMEOUT", "900"))}
-    if env.get("JAX_COORDINATOR_ADDRESS"):
-        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
-    if env.get("JAX_NUM_PROCESSES"):
-        kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
-    if env.get("JAX_PROCESS_ID"):
-        kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
-    jax.distributed.initialize(**kwargs)
-
-
-def write_run_info(run_dir: Path, cfg: Config, comps) -> None:
+def write_run_info(run_dir, cfg: Config, comps) -> None:
     """Writes ``run_dir/config.yaml`` and ``run_dir/components.json`` (trained parts, reference settings, base, model
     configs: what ``pmf convert to-diffusers`` reads), on process 0 only."""
     if jax.process_index() != 0:
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    storage.makedirs(run_dir)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     info = {"trainable": list(comps.trainable), "reference": dataclasses.asdict(cfg.reference),
             "base": cfg.model.base, "autoencoder": cfg.model.autoencoder,
             "models": {"unet": comps.unet.to_config(), "reference_unet": comps.reference_unet.to_config(),
@@ -88,12 +68,15 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
     """Trains until ``cfg.train.steps`` (or ``max_steps`` more steps this call); resumes from the latest checkpoint.
 
     ``devices``: the devices of the mesh (default: all). Returns the last logged metrics. Returns early (after
-    saving) when SIGTERM arrives. The trainer is an entry point: it sets the process's runtime state
+    saving) when SIGTERM reaches any process (all processes save the same step). Multi-process when the launch
+    variables say so (:mod:`pmf_jax.parallel.distributed`); every process must run the same config and code. The trainer is an entry point: it sets the process's runtime state
     (:func:`pmf_jax.runtime.setup`; the persistent compilation cache when ``train.compilation_cache``).
     """
-    maybe_initialize_distributed()
+    if distributed.initialize_from_environment():
+        phase(f"joined the cluster: {distributed.process_summary()}")
+        distributed.check_same_run(to_dict(cfg))  # every process has process 0's config and code, or all stop
     tc = cfg.train
-    run_dir = Path(tc.output_dir)
+    run_dir = storage.as_path(tc.output_dir)
     check_output_dir(run_dir)  # inputs are checked before anything is built or written to the run folder
     cache = runtime.setup(None if tc.compilation_cache else False)  # before anything compiles
 
@@ -176,7 +159,7 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
     writer.drop_rows_after(start)
     last_finite = writer.last_step()
     previews = Previews(cfg, comps, frozen, writer, run_dir) if start < end else None
-    preempted = checkpointing.PreemptionFlag().install()
+    preemption = distributed.Preemption().install()
     speed = Throughput()
     last: Dict[str, float] = {}
     bar = progress_bar(total=end, initial=start, desc="train", disable=jax.process_index() != 0)
@@ -193,7 +176,7 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
             step += 1
             speed.add(cfg.data.batch_size)
             bar.update(1)
-            stop = bool(preempted)  # read once: a SIGTERM arriving later in this iteration is handled at the next
+            stop = preemption.reached(step)  # every process gets the same answer at the same step
             must_save = step % tc.checkpoint_every == 0 or step == end or stop
             if step % tc.log_every == 0 or must_save:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -219,6 +202,6 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
         bar.close()
         checkpoints.close()
         writer.close()
-        preempted.uninstall()
+        preemption.uninstall()
     last["step"] = step
     return last

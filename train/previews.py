@@ -3,12 +3,11 @@ eval split; the grid (source | target pose | sample | ground truth) goes to Tens
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from pmf_jax import input_pipeline
+from pmf_jax import input_pipeline, storage
 from pmf_jax.pipelines.from_run import RunParts, pipeline_from_run, pipeline_params, sampling_kwargs
 from train.logs import image_grid, log
 
@@ -19,10 +18,10 @@ class Previews:
     """Built once per run; its retarget pipeline is built at the first preview and compiled once: later previews
     pass the new parameters to the same programs."""
 
-    def __init__(self, cfg, components, frozen, writer, run_dir: Path):
+    def __init__(self, cfg, components, frozen, writer, run_dir):
         self.cfg, self.components, self.writer = cfg, components, writer
         self.frozen = jax.device_get(frozen)
-        self.dir = Path(run_dir) / "previews"
+        self.dir = storage.as_path(run_dir) / "previews"
         self.active = jax.process_index() == 0 and jax.process_count() == 1 and components.controlnet is not None
         if jax.process_count() > 1:
             log("previews are off on multi-host runs (the sharded weights are not on one host)")
@@ -51,7 +50,8 @@ class Previews:
                                 output_type="np", **sampling_kwargs(cfg))
         grid = image_grid([self.batch["source"], self.batch["pose"], np.asarray(samples), self.batch["target"]])
         self.writer.image(step, "samples", grid)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(self.dir)
         from PIL import Image
 
-        Image.fromarray(grid).save(self.dir / f"step_{step:07d}.png")
+        with (self.dir / f"step_{step:07d}.png").open("wb") as f:
+            Image.fromarray(grid).save(f, format="PNG")

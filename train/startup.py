@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 
+from pmf_jax import storage
 from pmf_jax.errors import PMFInputError
 from train.logs import log
 
@@ -75,18 +76,13 @@ def watch_compilation_cache():
 
 
 def check_output_dir(path, key: str = "train.output_dir") -> None:
-    """Raises PMFInputError unless ``path`` is a folder, or can be created as one, that this process may write.
+    """Raises PMFInputError unless ``path`` is a folder, or can be created as one, that this process may write: a
+    local folder, or a URL whose storage server answers, whose bucket exists and that accepts a probe object.
 
     Checked before anything is built or written, so a bad ``train.output_dir`` is one line, not a traceback after
     the models were built.
     """
-    path = Path(path).absolute()
-    if path.exists() and not path.is_dir():
+    path = storage.as_path(path)
+    if not storage.is_url(path) and path.exists() and not path.is_dir():
         raise PMFInputError(f"{key}={path} is a file, not a folder")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise PMFInputError(f"{key}={path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PMFInputError(f"{key}={path}: {existing} is not writable")
+    storage.check_writable(path, key)

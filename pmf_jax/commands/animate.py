@@ -10,7 +10,7 @@ from pmf_jax.commands import model_options, options
 from pmf_jax.commands.pose import add_fit_argument
 from pmf_jax.constants import DEFAULT_BATCH_FRAMES
 from pmf_jax.errors import PMFInputError
-from pmf_jax.out_folder import check_out_file, check_out_folder, staged_folder
+from pmf_jax.out_folder import check_out_file, check_out_folder, local_only, staged_folder
 from pmf_jax.pipelines.defaults import native_size, resolve_sampling
 from pmf_jax.pipelines.images import check_resolution, describe_size, image_row, load_image, resolve_size
 from pmf_jax.pipelines.memory import memory_limit_setting
@@ -105,6 +105,7 @@ def run(args) -> int:
     from pmf_jax.video.clip import check_video_out, companion_folder
     from pmf_jax.video.reader import import_av
 
+    local_only(args.out)  # the video writer and its resumable stage write local files only
     check_resolution(args.height, args.width)
     memory_limit_setting()
     model_options.check_model_arguments(args)

@@ -143,7 +143,10 @@ def _score(args) -> int:
     if unknown:
         raise PMFInputError(f"--metrics: unknown {', '.join(unknown)}; choose from {', '.join(METRICS)}")
     name, config = parse_dataset(args.dataset)
-    out = args.out or Path(args.generated) / "scores"
+    from pmf_jax import storage
+
+    generated = storage.as_path(args.generated) if storage.is_url(args.generated) else Path(args.generated)
+    out = args.out or generated / "scores"  # a URL's report is uploaded beside its images
     for path in report_paths(out):  # before anything is scored: a folder in the way, a read-only location
         check_out_file(path)
     results = score(args.generated, name, config, args.data_dir, split=args.split, fid_reference=args.fid_reference,

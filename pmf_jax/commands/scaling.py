@@ -4,6 +4,10 @@ a roofline step time per chip and weak scaling over a sweep of device counts (se
 Planning compiles for virtual CPU devices: when this process has fewer devices than the plan needs, the command
 starts itself again with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` and ``JAX_PLATFORMS=cpu``.
 ``--measure N`` instead runs the train step N times on this process's (real) devices and compares.
+
+``--out`` may be a URL (``gs://bucket/...``): the reports are written in a local stage (the results so far in
+``<storage cache>/partial/gs/<bucket>/<path>.partial``, :func:`pmf_jax.out_folder.partial_folder`) and uploaded when
+the plan is complete (:mod:`pmf_jax.out_folder`).
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def run(args) -> int:
     import jax
 
     if args.measure is not None:
-        return _measure(args, cfg, mesh, chip, Path(args.out))
+        return _measure(args, cfg, mesh, chip, _out_path(args.out))
     resolved = resolve_mesh(mesh, args.devices)  # a bad mesh or sweep fails before anything compiles
     for n in args.sweep:
         sweep_mesh(resolved, n)
@@ -138,7 +142,7 @@ def run(args) -> int:
 
     from pmf_jax.scaling import planner, report
 
-    out = Path(args.out).absolute()
+    out = _out_path(args.out)
     # The stage (DIR.partial) keeps the results so far if planning is stopped; DIR appears when the plan is complete.
     with staged_folder(out, args.overwrite, partial="keep") as stage:
         def save(partial):
@@ -154,6 +158,13 @@ def run(args) -> int:
           f"{result['train_step']['global_batch'] / pred['step_s']:.1f} images/s -> "
           + ", ".join(str(out / p.name) for p in paths.values()))
     return 0
+
+
+def _out_path(out):
+    """``--out`` as a path: a URL as an :class:`etils.epath.Path`, a local folder made absolute."""
+    from pmf_jax import storage
+
+    return storage.as_path(out) if storage.is_url(out) else Path(out).absolute()
 
 
 def _measure(args, cfg, mesh, chip, out: Path) -> int:

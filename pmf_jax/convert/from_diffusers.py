@@ -12,6 +12,10 @@ every run; this converts once. The output mirrors a diffusers pipeline folder, w
 How training uses it: ``model.base=CKPT_DIR`` (unet/, vae/, text_encoder/, tokenizer/, scheduler/ as from an SD
 folder), ``model.controlnet=CKPT_DIR`` and ``model.reference_unet=CKPT_DIR`` (a folder with the marker stands for
 its controlnet/ and reference_unet/ subfolders; ``CKPT_DIR/controlnet`` works too).
+
+``CKPT_DIR`` and the source folders may be URLs (``gs://bucket/...``): the sources are read through cached local
+copies (:func:`pmf_jax.io.hub.resolve_folder`), the output is written in a local stage and uploaded with
+``pmf_pretrained.json`` and the other top-level index files last (:mod:`pmf_jax.out_folder`).
 :func:`pmf_jax.io.from_pretrained` reads any ``<part>`` folder (it sees ``orbax_params/``), so do the pipelines.
 """
 
@@ -54,8 +58,7 @@ def import_from_diffusers(model, out, *, controlnet=None, reference_unet=None, d
       PMFInputError: missing folders, a model that does not match its config, ``out`` exists. Nothing is left under
         ``out`` then.
     """
-    out = Path(out)
-    check_out_folder(out, overwrite)
+    out = check_out_folder(out, overwrite)  # a URL as an epath.Path, checked on its storage server
     store_dtype = parse_dtype(dtype)
     root = resolve_folder(model, revision=revision)
     if not (root / "unet" / "config.json").is_file():
@@ -90,8 +93,11 @@ def import_from_diffusers(model, out, *, controlnet=None, reference_unet=None, d
 
 
 def is_pretrained_checkpoint(path) -> bool:
-    """Whether ``path`` is a local folder written by :func:`import_from_diffusers` (it holds the marker file)."""
-    return (Path(path) / MARKER).is_file()
+    """Whether ``path`` (a local folder or a URL) was written by :func:`import_from_diffusers` (it holds the marker
+    file)."""
+    from pmf_jax.storage import as_path
+
+    return (as_path(path) / MARKER).is_file()
 
 
 __all__ = ["import_from_diffusers", "is_pretrained_checkpoint", "MARKER"]

@@ -22,7 +22,9 @@ reference_unet/ is written for mode "acm" only (in "reference_only" the UNet wri
 without a ControlNet (stage 1) gets the one of ``model.controlnet``, or none when that is null.
 
 Weights: the EMA copy by default when the run kept one; fp32 or ``dtype`` fp16/bf16; safetensors only. The whole
-folder is written under a temporary name and renamed at the end (:func:`~pmf_jax.out_folder.staged_folder`).
+folder is written under a temporary name and renamed at the end (:func:`~pmf_jax.out_folder.staged_folder`); an
+``out`` URL (``gs://bucket/...``) is written in a local stage and uploaded with its index files
+(``model_index.json``, ``pmf_config.json``) last, so an interrupted upload never looks like a complete export.
 Checkpoints are read onto the host whatever mesh saved them (:func:`pmf_jax.io.checkpoints.restore_trained_params`).
 """
 
@@ -37,7 +39,6 @@ from typing import Any, Dict, Optional
 import numpy as np
 from flax import traverse_util
 
-from pmf_jax.config import load_config
 from pmf_jax.convert.folders import copy_model_folder, model_folder, parse_dtype, write_pmf_config
 from pmf_jax.errors import PMFInputError
 from pmf_jax.io import from_pretrained, save_pretrained
@@ -65,11 +66,12 @@ def export_to_diffusers(checkpoint, out, *, ema: Optional[bool] = None, base=Non
       PMFInputError: no run / step / complete checkpoint, an untrained part with nothing to copy it from, ``out``
         exists, a base that cannot be found. Nothing is left under ``out`` then.
     """
-    out = Path(out)
-    check_out_folder(out, overwrite)
+    out = check_out_folder(out, overwrite)  # a URL as an epath.Path, checked on its storage server
     save_dtype = parse_dtype(dtype)
-    run_dir, step = resolve_run(checkpoint)
-    if not Path(run_dir).is_dir():
+    from pmf_jax import storage
+
+    run_dir, step = resolve_run(checkpoint)  # a URL run is read where it is (orbax reads gs:// itself)
+    if not storage.as_path(run_dir).is_dir():
         raise PMFInputError(f"--checkpoint {str(checkpoint)!r}: no such run folder")
     info = _run_info(run_dir)
     cfg = _run_config(run_dir)
@@ -110,7 +112,7 @@ def export_to_diffusers(checkpoint, out, *, ema: Optional[bool] = None, base=Non
             "prediction_type": cfg.train.prediction_type, "autoencoder": autoencoder["config"],
             "text_encoder": "text_encoder" in autoencoder["copied"], "parts": written, "dtype": str(save_dtype),
             "resolution": list(cfg.data.height_width), "sampling": _sampling_defaults(cfg),
-            "source": {"run": str(Path(run_dir).absolute()), "step": int(step),
+            "source": {"run": str(run_dir if storage.is_url(run_dir) else Path(run_dir).absolute()), "step": int(step),
                        "weights": "ema" if use_ema else "params",
                        "base": str(base_folder) if base_folder is not None else None}})
     return out
@@ -140,10 +142,9 @@ def _restore(run_dir: Path, step: Optional[int], ema: bool):
 
 
 def _run_config(run_dir: Path):
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise PMFInputError(f"{run_dir} is not a pmf_jax training run (no config.yaml)")
-    return load_config(path)
+    from pmf_jax.pipelines.from_run import read_run_config
+
+    return read_run_config(run_dir)
 
 
 def _use_ema(ema: Optional[bool], cfg) -> bool:

@@ -143,8 +143,10 @@ def grid(comparison: Dict, data_dir=None, pairs: int = 8) -> np.ndarray:
 
 
 def output_paths(out_prefix) -> List[Path]:
-    """``<out>.json``, ``<out>.md``, ``<out>.png``."""
-    out_prefix = Path(out_prefix)
+    """``<out>.json``, ``<out>.md``, ``<out>.png`` (URLs for a URL ``out_prefix``: uploaded when complete)."""
+    from pmf_jax import storage
+
+    out_prefix = storage.as_path(out_prefix) if storage.is_url(out_prefix) else Path(out_prefix)
     return [out_prefix.with_name(out_prefix.name + ext) for ext in (".json", ".md", ".png")]
 
 

@@ -16,6 +16,11 @@ which becomes ``<out>`` once every image exists. A stopped run leaves ``<out>.pa
 settings continues it. A complete ``<out>`` is resumed in place (e.g. after deleting images). Images are written
 whole (temporary file, then rename); a rerun skips the pairs whose PNG exists. ``generation.json`` records the
 settings; resuming with different settings is refused (they would mix two runs in one folder).
+
+``--out`` may be a URL (``gs://bucket/...``): the stage is then a local folder keyed by the URL
+(``<storage cache>/partial/gs/<bucket>/<path>.partial``, :func:`pmf_jax.out_folder.partial_folder`), so a stopped run
+is continued on the same machine, and the finished folder is uploaded with ``generation.json`` last. A complete
+generation on a URL is not resumed in place: a non-empty URL ``--out`` needs ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -132,14 +137,17 @@ def generate(cfg: config_lib.Config, out_dir, *, split: Optional[str] = None, pr
     from pmf_jax.out_folder import check_can_create, check_out_folder, partial_folder, staged_folder
 
     model = model or EvalModel("config")
-    out_dir = Path(out_dir)
+    from pmf_jax import storage
+
+    url = storage.is_url(out_dir)
+    out_dir = storage.as_path(out_dir) if url else Path(out_dir)
     data = cfg.data
     split = split or data.eval_split
     mode, reference = export_reference(model, cfg)
     settings = generation_settings(cfg, split, prompt, negative_prompt, model, reference, mode)
     if sequence:
         settings["sequence"] = True
-    in_place = not overwrite and out_dir.is_dir() and (out_dir / SETTINGS_FILE).is_file()
+    in_place = not url and not overwrite and out_dir.is_dir() and (out_dir / SETTINGS_FILE).is_file()
     if in_place:  # a complete generation: resumed where it is (every image is written whole)
         check_can_create(out_dir / SETTINGS_FILE)
         _check_resume(out_dir, settings, "--out")

@@ -51,11 +51,16 @@ class EvalModel:
 
 def resolve_model(model) -> EvalModel:
     """``--model`` -> :class:`EvalModel` (a run's step resolved now, so that a run that goes on training does not
-    change what a resumed generation samples). Raises PMFInputError when it is neither a run nor a model folder."""
+    change what a resumed generation samples). Raises PMFInputError when it is neither a run nor a model folder.
+
+    A URL (``gs://bucket/...``): a run is read where it is (orbax reads its checkpoints from the URL), an export is
+    read from a cached local copy (:func:`pmf_jax.storage.local_copy`), whose path is what is recorded."""
     if model is None:
         return EvalModel("config")
+    from pmf_jax import storage
     from pmf_jax.io.checkpoints import open_manager, resolve_run
 
+    url = storage.is_url(model)
     run_dir, step = resolve_run(model)
     if (run_dir / "components.json").is_file():
         manager = open_manager(run_dir)
@@ -67,8 +72,8 @@ def resolve_model(model) -> EvalModel:
             raise PMFInputError(f"--model {str(model)!r}: the run has no complete checkpoint")
         if step is not None and step not in steps:
             raise PMFInputError(f"--model {str(model)!r}: no checkpoint at step {step}; available: {steps}")
-        return EvalModel("run", run_dir.absolute(), steps[-1] if step is None else step)
-    folder = Path(model).expanduser()
+        return EvalModel("run", run_dir if url else run_dir.absolute(), steps[-1] if step is None else step)
+    folder = storage.local_copy(model) if url else Path(model).expanduser()
     if not folder.is_dir():
         raise PMFInputError(f"--model {str(model)!r} does not exist (give a training run or a PMF export folder)")
     if not (folder / "unet" / "config.json").is_file() or not (folder / "controlnet" / "config.json").is_file():
@@ -86,7 +91,9 @@ def eval_config(model: EvalModel, config: Optional[str], overrides: Sequence[str
         if config:
             raise PMFInputError(f"--config: a training run brings its own config ({model.path / 'config.yaml'}); "
                                 f"change it with KEY=VALUE overrides (e.g. data.data_dir=...)")
-        return load_config(str(model.path / "config.yaml"), overrides)
+        from pmf_jax.pipelines.from_run import read_run_config
+
+        return read_run_config(model.path, overrides)
     return load_config(config, overrides)
 
 
@@ -111,11 +118,12 @@ def load_run_parts(cfg, run_dir=None, step: Optional[int] = None, ema: bool = Tr
 def build_pipeline(cfg, model: EvalModel, allow_pickle: bool = False):
     """The :class:`~pmf_jax.pipelines.RetargetPipeline` of ``model`` (see the module docstring). ``allow_pickle``: as
     :func:`pmf_jax.io.from_pretrained`, for the model folders an export or the config names."""
-    from pmf_jax.config import load_config
     from pmf_jax.pipelines.from_run import pipeline_from_run
 
     if model.kind == "run":
-        trained = load_config(str(model.path / "config.yaml")).reference.mode
+        from pmf_jax.pipelines.from_run import read_run_config
+
+        trained = read_run_config(model.path).reference.mode
         built = dataclasses.replace(cfg, reference=dataclasses.replace(cfg.reference, mode=trained))
         run, _ = load_run_parts(built, model.path, model.step)
         if cfg.reference.mode == "acm" and "reference_unet" not in run.params:

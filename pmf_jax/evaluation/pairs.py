@@ -50,7 +50,12 @@ def parse_dataset(spec: str) -> Tuple[str, Optional[str]]:
 
 
 def resolve_data_dir(data_dir) -> Path:
-    """The TFDS data_dir: the given one, else TFDS's default (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``)."""
+    """The TFDS data_dir: the given one, else TFDS's default (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). A URL
+    is kept as one (:func:`pmf_jax.input_pipeline.builder` stages the dataset's files locally)."""
+    from pmf_jax import storage
+
+    if data_dir and storage.is_url(data_dir):
+        return storage.as_path(data_dir)
     if data_dir:
         return Path(data_dir).expanduser()
     from tensorflow_datasets.core import constants

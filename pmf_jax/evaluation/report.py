@@ -90,14 +90,17 @@ def markdown(results: Dict, label: str = "PMF (this run)") -> str:
 
 
 def report_paths(out_prefix) -> Tuple[Path, Path]:
-    """``(<out_prefix>.json, <out_prefix>.md)``."""
-    out_prefix = Path(out_prefix)
+    """``(<out_prefix>.json, <out_prefix>.md)``; a URL prefix gives URLs (:class:`etils.epath.Path`)."""
+    from pmf_jax import storage
+
+    out_prefix = storage.as_path(out_prefix) if storage.is_url(out_prefix) else Path(out_prefix)
     return out_prefix.with_name(out_prefix.name + ".json"), out_prefix.with_name(out_prefix.name + ".md")
 
 
 def write_report(results: Dict, out_prefix) -> Tuple[Path, Path]:
     """Writes ``<out_prefix>.json`` (everything, per-pair values included) and ``<out_prefix>.md``, each whole or not
-    at all (:func:`pmf_jax.out_folder.staged_file`; existing files are replaced)."""
+    at all (:func:`pmf_jax.out_folder.staged_file`; existing files are replaced). ``out_prefix`` may be a URL: each
+    file is written locally and uploaded as one object."""
     from pmf_jax.out_folder import staged_file
 
     json_path, md_path = report_paths(out_prefix)

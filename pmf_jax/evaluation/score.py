@@ -14,6 +14,10 @@ be there; a missing or unreadable image is an error naming it.
   of statistics (``mu``, ``sigma``, ``n``).
 - CLIP score: generated image vs the run's prompt (from ``generation.json`` or ``prompt=``), only when there is one.
 
+The generated folder may be a URL (``gs://bucket/...``): it is read through a cached local copy
+(:func:`pmf_jax.storage.local_copy`, with a progress bar); the report may be written to a URL too
+(:func:`pmf_jax.evaluation.report.write_report`).
+
 A metric whose network or package is missing is reported unavailable with the reason; the others are computed.
 When none of the requested metrics can be computed, that is an error (the CLI exits 2) listing the reasons.
 """
@@ -209,10 +213,15 @@ def score(generated_dir, dataset: str, config: Optional[str] = None, data_dir=No
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise PMFInputError(f"unknown metrics {', '.join(unknown)}; known: {', '.join(METRICS)}")
+    from pmf_jax import storage
+
+    given = os.fspath(generated_dir)
+    if storage.is_url(given):  # read from a local copy of the objects (downloaded once, reused while unchanged)
+        generated_dir = storage.local_copy(given, desc=f"download {given}")
     generated_dir = Path(generated_dir)
     what = f"{dataset}/{config or 'default'} {split}"
     if not generated_dir.is_dir():
-        raise PMFInputError(f"--generated {str(generated_dir)!r} is not a folder")
+        raise PMFInputError(f"--generated {given!r} is not a folder")
     pairs = read_pairs(dataset, config, split, data_dir)
     if not pairs:
         raise PMFInputError(f"{what} has no pairs")
@@ -280,7 +289,7 @@ def score(generated_dir, dataset: str, config: Optional[str] = None, data_dir=No
     return {
         "dataset": f"{dataset}/{config}" if config else dataset,
         "split": split,
-        "generated": str(generated_dir),
+        "generated": given if storage.is_url(given) else str(generated_dir),
         "num_pairs": len(pairs),
         "image_size": list(size),
         "resized": resize,

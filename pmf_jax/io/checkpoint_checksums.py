@@ -9,6 +9,9 @@ killed between the commit and the manifest: it restores unverified, with a warni
 :func:`restore_newest_intact` is the one restore policy of the trainer and of the readers of a run (export,
 evaluation, which pass the one step they read): the newest step that verifies and restores wins; every newer one is
 skipped with a warning naming it.
+
+A step folder on an object store (``gs://...``) lists each object's size and the crc32c the store computed when it
+was written (read from the listing: nothing is downloaded); a local one each file's size and sha256.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Iterable, Tuple, TypeVar
 
+from pmf_jax import storage
 from pmf_jax.errors import PMFInputError
 
 MANIFEST = "checksums.json"
@@ -35,7 +38,7 @@ class CorruptCheckpoint(PMFInputError):
     """A checkpoint step whose files do not match its manifest, or that orbax could not restore."""
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
@@ -43,47 +46,75 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _files(step_dir: Path) -> list:
-    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+def _entries(step_dir) -> Tuple[str, dict]:
+    """(algorithm, {relative name: {"size", algorithm: value}}) of the files of a step folder, the manifest
+    excluded."""
+    if storage.is_url(step_dir):
+        listing = storage.object_listing(step_dir)
+        return "crc32c", {name: {"size": size, "crc32c": checksum} for name, (size, checksum) in listing.items()
+                          if name != MANIFEST and not name.startswith(f".{MANIFEST}")}
+    root = os.fspath(step_dir)
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = storage.as_path(os.path.join(folder, name))
+            rel = os.path.relpath(path, root).replace(os.sep, "/")
+            if rel != MANIFEST:
+                files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+    return "sha256", dict(sorted(files.items()))
 
 
-def write_manifest(step_dir) -> Path:
-    """Writes ``step_dir/checksums.json`` ({"files": {relative path: {"size", "sha256"}}}) atomically; returns it."""
-    step_dir = Path(step_dir)
-    files = {p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in _files(step_dir)}
+def write_manifest(step_dir):
+    """Writes ``step_dir/checksums.json`` ({"algorithm", "files": {relative path: {"size", algorithm}}})
+    atomically (one object write on a store; a rename locally); returns its path."""
+    step_dir = storage.as_path(step_dir)
+    algorithm, files = _entries(step_dir)
+    text = json.dumps({"algorithm": algorithm, "files": files}, indent=1) + "\n"
     path = step_dir / MANIFEST
+    if storage.is_url(step_dir):
+        path.write_text(text)
+        return path
     partial = step_dir / f".{MANIFEST}.partial"
-    partial.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1) + "\n")
+    partial.write_text(text)
     os.replace(partial, path)
     return path
 
 
 def has_manifest(step_dir) -> bool:
-    return (Path(step_dir) / MANIFEST).is_file()
+    return (storage.as_path(step_dir) / MANIFEST).is_file()
 
 
 def verify(step_dir) -> bool:
-    """True when every file listed in the manifest has its size and sha256; False when there is no manifest.
+    """True when every file listed in the manifest has its size and checksum; False when there is no manifest.
 
     Raises:
       CorruptCheckpoint naming the first file that is missing, truncated or changed.
     """
-    step_dir = Path(step_dir)
+    step_dir = storage.as_path(step_dir)
     if not has_manifest(step_dir):
         return False
     try:
-        files = json.loads((step_dir / MANIFEST).read_text())["files"]
+        manifest = json.loads((step_dir / MANIFEST).read_text())
+        algorithm, files = manifest.get("algorithm", "sha256"), manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CorruptCheckpoint(f"its {MANIFEST} is unreadable ({err})") from None
+    present = storage.object_listing(step_dir) if storage.is_url(step_dir) else None
     for name, entry in files.items():
         path = step_dir / name
-        if not path.is_file():
-            raise CorruptCheckpoint(f"{name} is missing")
-        size = path.stat().st_size
+        if present is not None:
+            if name not in present:
+                raise CorruptCheckpoint(f"{name} is missing")
+            size, checksum = present[name]
+        else:
+            if not path.is_file():
+                raise CorruptCheckpoint(f"{name} is missing")
+            size, checksum = os.path.getsize(path), None
         if size != entry["size"]:
             raise CorruptCheckpoint(f"{name} has {size} bytes, {entry['size']} were written (truncated or appended)")
-        if _sha256(path) != entry["sha256"]:
+        if algorithm == "crc32c":
+            if checksum != entry["crc32c"]:
+                raise CorruptCheckpoint(f"{name} does not match its crc32c (its data changed after saving)")
+        elif _sha256(path) != entry["sha256"]:
             raise CorruptCheckpoint(f"{name} does not match its sha256 (its data changed after saving)")
     return True
 
@@ -156,7 +187,7 @@ def restore_newest_intact(directory, steps: Iterable[int], restore: Callable[[in
     """
     failures, steps = [], sorted(steps, reverse=True)
     for step in steps:
-        step_dir = Path(directory) / str(step)
+        step_dir = storage.as_path(directory) / str(step)
         try:
             if not verify(step_dir):
                 warn(f"checkpoint {step_dir} has no {MANIFEST} (saved before checksums, or killed right after "

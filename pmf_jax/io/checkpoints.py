@@ -10,21 +10,22 @@ manifest is verified first (a corrupt step is an error naming an earlier step; o
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from pmf_jax import storage
 from pmf_jax.errors import PMFInputError
 from pmf_jax.io.checkpoint_checksums import restore_newest_intact
 from pmf_jax.io.finite import check_finite
 
 
-def resolve_run(path) -> Tuple[Path, Optional[int]]:
-    """``RUN_DIR`` or ``RUN_DIR/checkpoints/STEP`` or ``RUN_DIR/STEP`` -> (run dir, step or None for the latest)."""
-    path = Path(path)
+def resolve_run(path) -> Tuple[storage.Path, Optional[int]]:
+    """``RUN_DIR`` or ``RUN_DIR/checkpoints/STEP`` or ``RUN_DIR/STEP`` -> (run dir, step or None for the latest);
+    local paths or URLs (``gs://bucket/run``)."""
+    path = storage.as_path(path)
     if path.name.isdigit() and path.parent.name == "checkpoints":
         return path.parent.parent, int(path.name)
     if path.name.isdigit() and (path.parent / "checkpoints").is_dir():
@@ -33,14 +34,14 @@ def resolve_run(path) -> Tuple[Path, Optional[int]]:
 
 
 def read_run_info(run_dir) -> Dict[str, Any]:
-    info = Path(run_dir) / "components.json"
+    info = storage.as_path(run_dir) / "components.json"
     if not info.is_file():
         raise PMFInputError(f"{run_dir} is not a pmf_jax training run (no components.json)")
     return json.loads(info.read_text())
 
 
 def open_manager(run_dir) -> ocp.CheckpointManager:
-    directory = Path(run_dir).absolute() / "checkpoints"
+    directory = storage.as_path(run_dir) / "checkpoints"
     if not directory.is_dir():
         raise PMFInputError(f"{run_dir} has no checkpoints/ folder")
     options = ocp.CheckpointManagerOptions(read_only=True)

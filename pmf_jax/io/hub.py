@@ -1,4 +1,9 @@
-"""Resolving ``path_or_repo_id`` to a local folder: a folder on disk, or a repo already in the Hugging Face cache.
+"""Resolving ``path_or_repo_id`` to a local folder: a folder on disk, a URL (``gs://bucket/...``), or a repo already in
+the Hugging Face cache.
+
+A URL is read through a cached local copy (:func:`pmf_jax.storage.local_copy`: downloaded with a progress bar into
+``$PMF_STORAGE_CACHE`` or ``~/.cache/pmf_jax/storage/<scheme>/<bucket>/<path>``, reused while the objects are
+unchanged), so every reader after this (safetensors' memory map, orbax, tokenizers) sees local files.
 
 No network access is attempted: a repo id that is not in the local cache is an error that says how to get it.
 """
@@ -14,14 +19,20 @@ from pmf_jax.errors import PMFInputError
 
 def resolve_folder(path_or_repo_id: str | os.PathLike, subfolder: Optional[str] = None,
                    revision: Optional[str] = None) -> Path:
-    """Returns the local folder holding the model (``subfolder`` applied).
+    """Returns the local folder holding the model (``subfolder`` applied); a URL's whole folder is copied first
+    (module docstring).
 
     Raises:
-      PMFInputError: the path does not exist and is not a cached Hub repo, or the subfolder is missing.
+      PMFInputError: the path does not exist and is not a cached Hub repo, or the subfolder is missing; for a URL,
+        an unreachable storage server, a missing bucket, a permission error or no objects under it.
     """
-    text = str(path_or_repo_id)
-    local = Path(text).expanduser()
-    if local.is_dir():
+    from pmf_jax import storage
+
+    text = os.fspath(path_or_repo_id) if isinstance(path_or_repo_id, os.PathLike) else str(path_or_repo_id)
+    local = None if storage.is_url(text) else Path(text).expanduser()
+    if local is None:
+        root = storage.local_copy(text, desc=f"download {text}")
+    elif local.is_dir():
         root = local
     elif local.exists():
         raise PMFInputError(f"{text!r} is a file; pass the model folder that holds config.json")

@@ -15,6 +15,8 @@ and ``pmf scaling`` each need:
     rows; a number: ``appearance_guidance_scale``, 3 rows; ``sampling.ip_adapter_scale``: ``ip_adapter_scale`` when
     the pipeline has an IP-Adapter).
   * :func:`sampling_static`: the static settings of that call (what the compiled programs are specialised on).
+  * :func:`read_run_config`: a run folder's ``config.yaml``, the folder local or a URL (``gs://bucket/run``; its
+    orbax checkpoints are read by orbax from the URL itself, :mod:`pmf_jax.io.checkpoints`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,33 @@ class RunParts:
     components: Any
     params: Dict[str, Any]
     frozen: Dict[str, Any]
+
+
+def read_run_config(run_dir, overrides=()):
+    """The :class:`~pmf_jax.config.Config` of a training run's ``config.yaml`` (``overrides`` on top); ``run_dir``
+    local or a URL (the file is read through :mod:`pmf_jax.storage`, then parsed from a local temporary copy)."""
+    import os
+    import tempfile
+
+    from pmf_jax import storage
+    from pmf_jax.config import load_config
+
+    path = storage.as_path(run_dir) / "config.yaml"
+    if not storage.is_url(path):
+        if not path.is_file():
+            raise PMFInputError(f"{run_dir} is not a pmf_jax training run (no config.yaml)")
+        return load_config(str(path), overrides)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PMFInputError(f"{run_dir} is not a pmf_jax training run (no config.yaml)") from None
+    except Exception as err:  # the storage clients' errors (permission, missing bucket)
+        raise storage.describe_error(err, path, "read") from None
+    with tempfile.TemporaryDirectory(prefix="pmf-run-config-") as tmp:
+        local = os.path.join(tmp, "config.yaml")
+        with open(local, "w") as f:
+            f.write(text)
+        return load_config(local, overrides)
 
 
 def run_mode(cfg, mode: Optional[str] = None) -> str:
@@ -161,4 +190,5 @@ def sampling_static(pipe: RetargetPipeline, cfg, size: Tuple[int, int], output_t
                             reference_config=kw["reference_config"], output_type=output_type)
 
 
-__all__ = ["RunParts", "pipeline_from_run", "pipeline_params", "run_mode", "sampling_kwargs", "sampling_static"]
+__all__ = ["RunParts", "pipeline_from_run", "pipeline_params", "read_run_config", "run_mode", "sampling_kwargs",
+           "sampling_static"]

@@ -285,7 +285,7 @@ def write_plot(plan: Dict[str, Any], path: Path) -> Path:
 
 def write_outputs(plan: Dict[str, Any], out_dir: Path, *, plot: bool = True) -> Dict[str, Path]:
     """Writes ``scaling.json``, ``scaling.md`` and (``plot``) ``scaling.png`` (:func:`write_plot`) into
-    ``out_dir``."""
+    ``out_dir`` (a local folder: ``pmf scaling`` writes its stage, uploaded afterwards for a URL ``--out``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "scaling.json", "markdown": out_dir / "scaling.md"}
     paths["json"].write_text(json.dumps(plan, indent=2, default=str) + "\n")
