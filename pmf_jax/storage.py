@@ -54,10 +54,19 @@ CACHE_ENV = "PMF_STORAGE_CACHE"
 LISTING = ".pmf-listing.json"
 
 
+def _fresh_listings() -> None:
+    """gcsfs caches folder listings per process; other processes (the hosts of a pod, a resumed run) write the same
+    prefixes, so every listing is read from the store."""
+    import fsspec.config
+
+    fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+
+
 def use_storage_emulator(environ=os.environ) -> Optional[str]:
     """Passes ``$STORAGE_EMULATOR_HOST`` on to every client that needs its own setting (module docstring); returns
     the server's URL, or None when the variable is not set."""
     environ.setdefault("EPATH_USE_TF", "false")
+    _fresh_listings()
     host = environ.get(EMULATOR_ENV, "").strip()
     if not host:
         return None

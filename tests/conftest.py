@@ -8,6 +8,12 @@ import pytest
 
 from pmf_jax import runtime
 
+try:  # triton's library (diffusers' imports load it) segfaults when it loads after TensorFlow's (TFDS builds and
+    import torch  # noqa: F401  TensorBoard writers in module fixtures); loaded first, both work
+    import triton.runtime  # noqa: F401
+except ImportError:  # pragma: no cover - torch is in the test extra; triton comes with torch on Linux x86
+    pass
+
 jax.config.update("jax_default_matmul_precision", "highest")
 runtime.setup()
 

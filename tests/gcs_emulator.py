@@ -5,7 +5,8 @@ and one protocol gap closed: the emulator's media downloads lack the ``x-goog-ge
 ``x-goog-metageneration`` headers that Cloud Storage sends with every object read. TensorStore (orbax's OCDBT array
 writes) reads an object's generation from them and fails with "Malformed StorageGeneration" without them.
 
-``python tests/gcs_emulator.py PORT DATA_DIR BUCKET...`` runs the server (what :func:`start` launches).
+``python tests/gcs_emulator.py PORT DATA_DIR`` runs the server (what :func:`start` launches; it then creates the
+buckets through the JSON API).
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from http import HTTPStatus
 from pathlib import Path
 
 FORBIDDEN_PREFIX = "forbidden"
 
 
-def _serve(port: int, data_dir: str, buckets: list) -> None:
+def _serve(port: int, data_dir: str) -> None:
     from gcp_storage_emulator import server
-    from gcp_storage_emulator.handlers import buckets as bucket_handlers
     from gcp_storage_emulator.handlers import objects
 
     handle = server.Router.handle
@@ -60,10 +62,7 @@ def _serve(port: int, data_dir: str, buckets: list) -> None:
         for method, handler in list(handlers.items()):
             if handler is download:
                 handlers[method] = download_with_generation
-    srv = server.create_server("127.0.0.1", port, in_memory=False, data_dir=data_dir)
-    for name in buckets:
-        bucket_handlers.create_bucket(name, srv._storage)
-    srv.run()
+    server.create_server("127.0.0.1", port, in_memory=False, data_dir=data_dir).run()
 
 
 def free_port() -> int:
@@ -76,7 +75,7 @@ def start(data_dir, buckets=("pmf-test",), log=None):
     """Starts the server; returns (process, "http://127.0.0.1:PORT") once it accepts connections."""
     port = free_port()
     Path(data_dir).mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, __file__, str(port), str(data_dir), *buckets],
+    proc = subprocess.Popen([sys.executable, __file__, str(port), str(data_dir)],
                             stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -84,13 +83,24 @@ def start(data_dir, buckets=("pmf-test",), log=None):
             raise RuntimeError(f"the storage emulator exited with {proc.returncode}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, f"http://127.0.0.1:{port}"
         except OSError:
             time.sleep(0.2)
+            continue
+        endpoint = f"http://127.0.0.1:{port}"
+        for name in buckets:  # the JSON API's buckets.insert
+            request = urllib.request.Request(f"{endpoint}/storage/v1/b?project=pmf-tests", method="POST",
+                                             data=json.dumps({"name": name}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            try:
+                urllib.request.urlopen(request, timeout=30).close()
+            except urllib.error.HTTPError as err:
+                if err.code != 409:  # 409: the server's data folder already has it
+                    raise
+        return proc, endpoint
     proc.kill()
     raise RuntimeError("the storage emulator did not start within 60 s")
 
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    _serve(int(sys.argv[1]), sys.argv[2], sys.argv[3:])
+    _serve(int(sys.argv[1]), sys.argv[2])

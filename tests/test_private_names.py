@@ -29,6 +29,10 @@ ALLOWED = {
     "_fields": "collections.namedtuple's documented API",
     "_dynamo": "torch._dynamo.config is where torch.compile's recompile limit is raised (bench/common.py); torch has "
                "no public alias for it",
+    "jax._src.distributed": "the running cluster's coordination-service client (its key-value store and barrier, "
+                            "pmf_jax/parallel/distributed.py): jax.distributed exports only initialize/shutdown, and "
+                            "multihost_utils' broadcast and sync are device collectives, which the config check "
+                            "before compiling and the barrier after a slow compile must not be",
     "jax._src.config": "Pallas' TPU interpret mode (force_tpu_interpret_mode) can only be read from it "
                        "(pmf_jax/models/attention.py); jax exports no reader",
 }

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from pmf_jax import storage
 from pmf_jax.errors import PMFInputError
 from pmf_jax.io import checkpoint_checksums as checksums
+from pmf_jax.parallel import distributed
 from train.logs import warn
 
 
@@ -32,8 +33,13 @@ def make_manager(output_dir, keep: int, *, async_saves: bool = True) -> ocp.Chec
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, iterator_state: Optional[bytes]) -> None:
-    data = {"iterator": base64.b64encode(iterator_state).decode() if iterator_state is not None else None,
-            "step": int(step)}
+    """Saves ``state`` and every process's input-iterator position (gathered to the JSON item, which orbax writes on
+    process 0: ``iterators[k]`` is process k's, ``iterator`` process 0's as single-process runs always had it)."""
+    encoded = base64.b64encode(iterator_state).decode() if iterator_state is not None else ""
+    states = distributed.all_gather_text(f"iterator/{step}", encoded)
+    data = {"iterator": states[0] or None, "step": int(step)}
+    if len(states) > 1:
+        data["iterators"] = [text or None for text in states]
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)),
                  force=True)
 
@@ -43,9 +49,22 @@ def abstract_like(tree, shardings):
     return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
+def this_process_iterator(data: dict, *, warn=warn) -> Optional[bytes]:
+    """This process's input-iterator position from a checkpoint's JSON item, or None (with a warning) when the
+    checkpoint was saved by another number of processes: the input order then restarts from the seed."""
+    saved = data.get("iterators") or [data.get("iterator")]
+    if len(saved) != jax.process_count():
+        warn(f"the checkpoint was saved by {len(saved)} process(es) and is resumed by {jax.process_count()}: the "
+             f"parameters and optimizer state are restored, the input order restarts from train.seed")
+        return None
+    text = saved[jax.process_index()]
+    return base64.b64decode(text) if text else None
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state, steps=None, *,
             warn=warn) -> Tuple[Any, Optional[bytes], int]:
-    """Returns (state, iterator state bytes or None, step) of the newest intact step of ``steps`` (default: all).
+    """Returns (state, this process's iterator state bytes or None, step) of the newest intact step of ``steps``
+    (default: all).
 
     A newer step that is corrupt or incomplete (checksum manifest, or orbax cannot read it) is skipped with a warning
     naming it (:func:`pmf_jax.io.checkpoint_checksums.restore_newest_intact`); when none restores, one
@@ -64,9 +83,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, steps=None, *,
                                                              data=ocp.args.JsonRestore()))
 
     restored, step = checksums.restore_newest_intact(manager.directory, steps, restore_step, warn=warn)
-    data = restored["data"] or {}
-    iterator = data.get("iterator")
-    return restored["state"], (base64.b64decode(iterator) if iterator else None), step
+    return restored["state"], this_process_iterator(restored["data"] or {}, warn=warn), step
 
 
 class RunCheckpoints:

@@ -165,6 +165,7 @@ def train_and_evaluate(cfg: Config, *, max_steps: Optional[int] = None, devices=
     bar = progress_bar(total=end, initial=start, desc="train", disable=jax.process_index() != 0)
     step = start
     if first is not None:
+        distributed.barrier("train step compiled")  # the processes start the first step together
         phase(f"first step (training steps {start + 1}-{end})")
     try:
         batch = first

@@ -127,6 +127,34 @@ def check_same_run(settings: dict, what: str = "config") -> None:
                             f"{what} of {'; '.join(problems)}; start every process with the same {what} and code")
 
 
+def all_gather_text(name: str, text: str, timeout_s: int = 600) -> list:
+    """Every process's ``text`` (a list indexed by process), through the coordination service's key-value store
+    (no device collective; ``name`` must be new for each call). Single process: ``[text]``."""
+    if jax.process_count() == 1:
+        return [text]
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    client.key_value_set(f"pmf_jax/gather/{name}/{jax.process_index()}", text)
+    return [text if k == jax.process_index() else
+            client.blocking_key_value_get(f"pmf_jax/gather/{name}/{k}", timeout_s * 1000)
+            for k in range(jax.process_count())]
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Waits until every process reaches the barrier ``name`` (the coordination service's barrier, no device
+    collective); a no-op in a single-process run.
+
+    Used before the first step: a process that compiled slowly (a compilation-cache miss where the other hit) would
+    otherwise leave the others waiting inside the first collective, whose setup on CPU (gloo) gives up after 30 s.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(f"pmf_jax/{name}", timeout_s * 1000)
+
+
 class SigtermFlag:
     """Set by SIGTERM: the single-process trainer saves at the current step and exits 0."""
 
@@ -182,5 +210,5 @@ def process_summary() -> str:
            f"{jax.device_count()}"
 
 
-__all__ = ["LAUNCH_VARIABLES", "Preemption", "SigtermFlag", "check_same_run", "code_version", "initialize_from_environment",
+__all__ = ["LAUNCH_VARIABLES", "Preemption", "SigtermFlag", "all_gather_text", "barrier", "check_same_run", "code_version", "initialize_from_environment",
            "process_summary", "requested"]
