@@ -70,12 +70,6 @@ def add_out_arguments(parser: argparse.ArgumentParser, help: str, metavar: str =
                         help="replace a non-empty --out (the old folder is replaced when the run completes)")
 
 
-def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_can_create(path, flag: str = "--out") -> Path:
     """``path`` (absolute) if its folder exists or can be made: the nearest existing parent is a folder in which a
     folder can be created (tried, then removed). Else :class:`PMFInputError` naming ``flag``. A URL: the storage
@@ -84,14 +78,7 @@ def check_can_create(path, flag: str = "--out") -> Path:
     if storage.is_url(path):
         return storage.check_writable(path, flag)
     path = _local(path, flag)
-    existing = _nearest_existing(path.parent)
-    if not existing.is_dir():
-        raise PMFInputError(f"{flag} {str(path)!r}: {str(existing)!r} is a file, not a folder")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".pmf-write-check-", dir=existing))
-    except OSError as err:
-        raise PMFInputError(f"{flag} {str(path)!r}: cannot write in {str(existing)!r} "
-                            f"({err.strerror or err}); choose a writable location") from None
+    storage.check_writable(path, flag)
     return path
 
 

@@ -164,12 +164,12 @@ def describe_error(err: BaseException, location: Location, action: str = "write"
 def check_writable(location: Location, flag: str) -> Path:
     """``location`` as a Path if a folder or file can be written there; else PMFInputError naming ``flag``.
 
-    Local: the nearest existing parent is a folder in which a folder can be created (tried, not guessed from
-    permission bits). URL: the server is reachable and a probe object can be written beside it (then deleted).
+    Local: the nearest existing parent of ``location`` is a folder in which a folder can be created (tried, not
+    guessed from permission bits; root, read-only mounts and ACLs answer the same). URL: the server is reachable and a probe object can be written beside it (then deleted).
     """
     path = as_path(location)
     if not is_url(path):
-        existing = LocalPath(path)
+        existing = LocalPath(path).parent
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         if not existing.is_dir():
