@@ -3,7 +3,8 @@ a roofline step time per chip and weak scaling over a sweep of device counts (se
 
 Planning compiles for virtual CPU devices: when this process has fewer devices than the plan needs, the command
 starts itself again with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` and ``JAX_PLATFORMS=cpu``.
-``--measure N`` instead runs the train step N times on this process's (real) devices and compares.
+``--measure N`` instead runs the train step N times on this process's (real) devices and compares; launched as a
+multi-process run (the trainer's launch variables), on every process's devices, process 0 writing ``--out``.
 
 ``--out`` may be a URL (``gs://bucket/...``): the reports are written in a local stage (the results so far in
 ``<storage cache>/partial/gs/<bucket>/<path>.partial``, :func:`pmf_jax.out_folder.partial_folder`) and uploaded when
@@ -79,7 +80,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="device counts for the weak-scaling sweep, e.g. 8,32,128,512")
     p.add_argument("--no-sampling", action="store_true", help="skip the sampling programs")
     p.add_argument("--measure", type=positive_int, metavar="N",
-                   help="run the train step N times on this process's devices and print measured vs predicted")
+                   help="run the train step N times on this process's devices (or, launched as a multi-process run "
+                        "with the trainer's JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID, every "
+                        "process's) and print measured vs predicted")
     add_out_arguments(p, "output folder")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.resolution=512")
     return p
@@ -168,21 +171,31 @@ def _out_path(out):
 
 
 def _measure(args, cfg, mesh, chip, out: Path) -> int:
+    """``--measure N`` on this process's devices, or, launched as a multi-process run (the trainer's launch
+    variables: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID or PMF_DISTRIBUTED=1), on every process's
+    devices: each process runs its part of the sharded step, process 0 writes ``--out`` and prints."""
     import jax
 
+    from pmf_jax.parallel import distributed
     from pmf_jax.scaling import planner, report
 
+    if distributed.initialize_from_environment():
+        distributed.check_same_run({"command": child_argv(args), "measure": args.measure}, what="command line")
     if args.devices is not None and args.devices != jax.device_count():
-        raise PMFInputError(f"--measure runs on this process's {jax.device_count()} devices; --devices "
+        raise PMFInputError(f"--measure runs on the {jax.device_count()} devices of this run; --devices "
                             f"{args.devices} differs (omit it)")
     result = planner.measure(cfg, config_name=args.config, mesh=mesh, chip=chip,
                              batch_per_device=args.batch_per_device, iterations=args.measure)
+    result["processes"] = jax.process_count()
+    if jax.process_index() != 0:
+        return 0
     with staged_folder(out, args.overwrite) as stage:
         (stage / "measure.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
         report.write_plot(result, stage / "scaling.png")
     m, pred = result["measured"], result["train_step"]["prediction"]
-    print(f"measured on {jax.device_count()} x {m['device_kind']} ({m['platform']}): {m['step_s'] * 1e3:.2f} ms/step "
-          f"(median of {m['iterations']}), {m['images_per_s']:.2f} images/s")
+    on = f"{jax.process_count()} processes, " if jax.process_count() > 1 else ""
+    print(f"measured on {on}{jax.device_count()} x {m['device_kind']} ({m['platform']}): "
+          f"{m['step_s'] * 1e3:.2f} ms/step (median of {m['iterations']}), {m['images_per_s']:.2f} images/s")
     print(f"predicted for {chip.name}: {pred['step_s'] * 1e3:.2f} ms/step ({pred['limit']}-bound: compute "
           f"{pred['compute_s'] * 1e3:.2f} ms, memory {pred['memory_s'] * 1e3:.2f} ms, communication "
           f"{pred['communication_s'] * 1e3:.2f} ms); measured / predicted = {m['ratio']:.2f}")

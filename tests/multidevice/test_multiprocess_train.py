@@ -216,3 +216,27 @@ def test_a_config_mismatch_stops_both_processes_with_one_line(env, tmp_path):
         assert "train.lr=0.002 vs 0.001" in errors[0] or "train.lr=0.001 vs 0.002" in errors[0], errors[0]
         assert f"process {1 - i} has" in errors[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_scaling_measure_runs_as_two_processes_and_process_0_writes(env, tmp_path):
+    """`pmf scaling --measure` launched like the trainer: one sharded step over both processes' 8 devices."""
+    port = _free_port()
+    out = tmp_path / "measure"
+    procs = []
+    for i in (0, 1):
+        child = dict(env["child"], XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        log = tmp_path / f"measure.{i}.log"
+        procs.append((subprocess.Popen(
+            [sys.executable, "-m", "pmf_jax.cli", "scaling", "--config", CONFIG, "--measure", "2", "--out", str(out),
+             "--batch-per-device", "1", f"model.unet_config={env['unet']}", *SMALL[:3]],
+            env=child, cwd=tmp_path, stdout=log.open("w"), stderr=subprocess.STDOUT), log))
+    codes = [p.wait(timeout=600) for p, _ in procs]
+    logs = [log.read_text() for _, log in procs]
+    assert codes == [0, 0], [text[-2000:] for text in logs]
+    result = json.loads((out / "measure.json").read_text())
+    assert result["devices"] == 8 and result["processes"] == 2
+    assert result["measured"]["iterations"] == 2 and result["measured"]["step_s"] > 0
+    assert "measured on 2 processes, 8 x cpu" in logs[0] and "measured on" not in logs[1]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("measure")) == [
+        "measure", "measure.0.log", "measure.1.log"]  # no second stage or partial folder beside it
