@@ -196,3 +196,34 @@ def test_a_failing_block_uploads_nothing_and_a_non_empty_url_needs_overwrite(gcs
         tmp.write_text("# scores\n")
     assert storage.as_path(gcs.url("failing/report.md")).read_text() == "# scores\n"
     assert not tmp.exists()
+
+
+CACHE_PROGRAM = """
+import jax, jax.numpy as jnp
+from pmf_jax import runtime
+hits = []
+jax.monitoring.register_event_listener(
+    lambda event, **kw: hits.append(1) if event == "/jax/compilation_cache/cache_hits" else None)
+print("cache", runtime.setup())
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+print("value", float(jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((16, 16))).sum()))
+print("hits", len(hits))
+"""
+
+
+def test_the_compilation_cache_in_a_bucket_is_written_then_read(gcs, tmp_path):  # noqa: F811
+    """$PMF_JAX_CACHE_DIR=gs://...: the first process writes its compiled programs to the bucket, the second reads
+    them (cache hits), with no local folder named gs: anywhere."""
+    env = dict(gcs.env, PMF_JAX_CACHE_DIR=gcs.url("jax_cache"))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    runs = [subprocess.run([sys.executable, "-c", CACHE_PROGRAM], capture_output=True, text=True, timeout=300,
+                           env=env, cwd=tmp_path) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert f"cache {gcs.url('jax_cache')}" in run.stdout
+    first, second = (dict(line.split(" ", 1) for line in run.stdout.splitlines()) for run in runs)
+    assert first["value"] == second["value"]
+    assert int(first["hits"]) == 0 and int(second["hits"]) >= 1
+    assert any(name.startswith("jit__lambda") for name in gcs.names("jax_cache"))
+    _no_local_url_folder(tmp_path)
