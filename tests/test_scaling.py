@@ -229,7 +229,7 @@ def _cli(capsys, *argv):
     (["--config", SD15, "--devices", "8", "--mesh", "data=3"], "mesh"),
     (["--config", SD15, "--devices", "8", "--mesh", "data=-1,tensor=2", "--sweep", "3"], "not divisible by tensor=2"),
     (["--config", SD15, "--devices", "8", "train.nope=1"], "unknown config key 'train.nope'"),
-    (["--config", SD15, "--measure", "2", "--devices", "4"], "--measure runs on this process's"),
+    (["--config", SD15, "--measure", "2", "--devices", "4"], "--measure runs on all 1 device(s) of this run"),
 ], ids=["no-config", "no-devices", "bad-mesh", "sweep-vs-tensor", "bad-override", "measure-devices"])
 def test_cli_input_errors(capsys, tmp_path, argv, message):
     status, err = _cli(capsys, *argv, "--out", str(tmp_path / "out"))

@@ -1,5 +1,5 @@
 """Training into a bucket (``train.output_dir=gs://...``) against a real GCS-protocol server (tests/gcs_emulator.py):
-kill -9 after a checkpoint, resume from the bucket, the parameters equal the uninterrupted run's; no local folder
+kill -9 after a checkpoint (between two), resume from the bucket, the parameters equal the uninterrupted run's; no local folder
 named ``gs:`` appears; a missing bucket or a forbidden one is one line, exit 2, before anything is written."""
 
 import signal
@@ -20,7 +20,7 @@ import train_fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "tiny_synthetic.yaml")
-STEPS = ["train.steps=20", "train.checkpoint_every=10", "train.lr=1e-3", "train.compilation_cache=true"]
+STEPS = ["train.steps=40", "train.checkpoint_every=10", "train.lr=1e-3", "train.compilation_cache=true"]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +42,10 @@ def _child(gcs):  # noqa: F811
 
 
 def _saved_steps(gcs, prefix):  # noqa: F811
-    return sorted({int(name.split("/")[1]) for name in gcs.names(prefix)
-                   if name.startswith("checkpoints/") and name.split("/")[1].isdigit()
-                   and name.endswith("/checksums.json")})
+    """The checkpoint steps orbax committed (on an object store: ``<step>/commit_success.txt``, written last)."""
+    return sorted(int(parts[1]) for parts in (name.split("/") for name in gcs.names(prefix))
+                  if len(parts) == 3 and parts[0] == "checkpoints" and parts[1].isdigit()
+                  and parts[2] == "commit_success.txt")
 
 
 def _no_local_gs_folder(*roots):
@@ -58,34 +59,35 @@ def test_kill_9_and_resume_from_the_bucket_equals_the_uninterrupted_run(gcs, env
     proc = subprocess.Popen(_cli(killed, env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_child(gcs),
                             cwd=tmp_path)
 
-    def logged_after_checkpoint():  # a step after the sealed checkpoint 10 is logged: rows the resume logs again
+    def logged_after_checkpoint():  # a step after a sealed checkpoint is logged: rows the resumed run logs again
         try:
-            if read_metrics(killed)[-1]["step"] <= 10:
-                return False
+            last_row = read_metrics(killed)[-1]["step"]
         except (ValueError, IndexError, OSError):
             return False
-        return 10 in _saved_steps(gcs, "runs/killed")
+        saved = _saved_steps(gcs, "runs/killed")
+        return bool(saved) and last_row > max(saved)
 
     start = time.time()
     while time.time() - start < 600 and proc.poll() is None and not logged_after_checkpoint():
-        time.sleep(0.2)
+        time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert _saved_steps(gcs, "runs/killed") == [10], "the run was not killed between its checkpoints"
+    killed_at = max(_saved_steps(gcs, "runs/killed"))
+    assert killed_at < 40, "the run finished before it could be killed"
     resumed = subprocess.run(_cli(killed, env), capture_output=True, text=True, timeout=600, env=_child(gcs),
                              cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {killed}/checkpoints/10" in resumed.stdout
-    assert [row["step"] for row in read_metrics(killed)] == list(range(1, 21))
+    assert f"resumed from {killed}/checkpoints/{killed_at}" in resumed.stdout, resumed.stdout[-2000:]
+    assert [row["step"] for row in read_metrics(killed)] == list(range(1, 41))
     a, step_a = restore_trained_params(straight)
     b, step_b = restore_trained_params(killed)
-    assert step_a == step_b == 20
+    assert step_a == step_b == 40
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
     names = gcs.names("runs/killed")
     assert {"config.yaml", "components.json", "metrics.jsonl"} <= set(names)
     assert any(n.startswith("tensorboard/events.out.tfevents") for n in names)
-    assert any(n.startswith("checkpoints/20/state/") for n in names)
+    assert any(n.startswith("checkpoints/40/state/") for n in names)
     assert _no_local_gs_folder(tmp_path, ROOT, Path.cwd())
 
 

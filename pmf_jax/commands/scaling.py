@@ -182,7 +182,7 @@ def _measure(args, cfg, mesh, chip, out: Path) -> int:
     if distributed.initialize_from_environment():
         distributed.check_same_run({"command": child_argv(args), "measure": args.measure}, what="command line")
     if args.devices is not None and args.devices != jax.device_count():
-        raise PMFInputError(f"--measure runs on the {jax.device_count()} devices of this run; --devices "
+        raise PMFInputError(f"--measure runs on all {jax.device_count()} device(s) of this run; --devices "
                             f"{args.devices} differs (omit it)")
     result = planner.measure(cfg, config_name=args.config, mesh=mesh, chip=chip,
                              batch_per_device=args.batch_per_device, iterations=args.measure)
