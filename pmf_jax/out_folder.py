@@ -174,11 +174,11 @@ def _make_stage(out: Path, partial: str, overwrite: bool) -> Path:
     return stage
 
 
-def _publish(stage: Path, out, overwrite: bool, partial: str) -> None:
+def _publish(stage: Path, out, overwrite: bool, partial: str, before_commit=None) -> None:
     """Uploads the finished ``stage`` to the URL ``out`` index files last (module docstring). A failed upload
     deletes the objects it wrote (``out`` was empty, or is replaced) and keeps a partial stage for the next run."""
     try:
-        storage.publish_folder(stage, out, replace=overwrite, desc=f"upload {out}")
+        storage.publish_folder(stage, out, replace=overwrite, desc=f"upload {out}", before_index=before_commit)
     except BaseException as err:
         try:
             storage.remove_tree(out)
@@ -202,7 +202,8 @@ def _move_into_place(stage: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def staged_folder(out, overwrite: bool = False, *, flag: str = "--out", partial: str = "discard") -> Iterator[Path]:
+def staged_folder(out, overwrite: bool = False, *, flag: str = "--out", partial: str = "discard",
+                  before_commit=None) -> Iterator[Path]:
     """Yields the stage (a folder beside ``out``) to write into; when the block completes, the stage becomes ``out``
     (an old ``out`` is replaced only then). ``out`` is checked again first (:func:`check_out_folder`). For a URL the
     stage is local and is uploaded when the block completes (module docstring).
@@ -210,6 +211,11 @@ def staged_folder(out, overwrite: bool = False, *, flag: str = "--out", partial:
     ``partial``: "discard" (a fresh hidden stage, deleted when the block fails), "keep" (``<out>.partial``, emptied
     first, kept when the block fails unless empty) or "resume" (``<out>.partial`` as a previous run left it, kept
     when the block fails unless empty; ``overwrite`` empties it first).
+
+    ``before_commit``: called once the block completes, just before the commit: before the stage is moved into
+    place, or for a URL after the old objects are deleted and the stage's other files are uploaded, before its index
+    files (where other processes add their parts of the folder, :func:`pmf_jax.evaluation.generate`). What it
+    raises stops the commit: nothing is moved into place or indexed, and a ``partial`` stage is kept.
     """
     if partial not in PARTIAL_MODES:
         raise ValueError(f"partial={partial!r} must be one of {PARTIAL_MODES}")
@@ -228,8 +234,10 @@ def staged_folder(out, overwrite: bool = False, *, flag: str = "--out", partial:
         raise
     give_user_modes(stage)  # what the writers made private (tempfile folders, safetensors files) included
     if url:
-        _publish(stage, out, overwrite, partial)
+        _publish(stage, out, overwrite, partial, before_commit)
     else:
+        if before_commit is not None:
+            before_commit()
         _move_into_place(stage, out)
 
 

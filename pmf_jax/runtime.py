@@ -63,7 +63,7 @@ def enable_compilation_cache(cache_dir: CacheSetting = None) -> Optional[Path]:
     if current:
         from pmf_jax import storage
 
-        return storage.as_path(current) if storage.is_url(current) else Path(current)
+        return storage.user_path(current)
     given = None if cache_dir is True else cache_dir
     setting = given or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR
     from pmf_jax import storage

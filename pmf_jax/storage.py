@@ -33,7 +33,7 @@ import shutil
 import socket
 import uuid
 from pathlib import Path as LocalPath
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 from urllib.parse import urlparse
 
 from etils import epath
@@ -95,6 +95,15 @@ def as_path(location: Location) -> Path:
     if is_url(text):
         return Path(text)
     return Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def user_path(location: Location, absolute: bool = False) -> Union[Path, LocalPath]:
+    """A user-given location as the path type its writers use: a URL as :class:`etils.epath.Path`, a local path as
+    ``pathlib.Path`` (as given, or made ``absolute``)."""
+    if is_url(location):
+        return Path(os.fspath(location))
+    local = LocalPath(location)
+    return local.absolute() if absolute else local
 
 
 def as_local(location: Location) -> LocalPath:
@@ -242,9 +251,16 @@ def _publish_order(files: Iterable[LocalPath], root: LocalPath) -> list:
     return sorted(files, key=key)
 
 
-def publish_folder(stage: Location, out: Location, *, replace: bool = False, desc: str = "upload") -> Path:
+def _is_index(p: LocalPath, root: LocalPath) -> bool:
+    return len(p.relative_to(root).parts) == 1 and p.suffix in INDEX_SUFFIXES
+
+
+def publish_folder(stage: Location, out: Location, *, replace: bool = False, desc: str = "upload",
+                   before_index: Optional[Callable[[], None]] = None, index: bool = True) -> Path:
     """Uploads the finished local folder ``stage`` to the URL ``out`` (index files last, module docstring), then
-    deletes ``stage``. ``replace``: the objects already under ``out`` are deleted first."""
+    deletes ``stage``. ``replace``: the objects already under ``out`` are deleted first. ``before_index``: called
+    after the other files are uploaded, just before the index files (the commit); ``index=False`` uploads no index
+    file (a part of a folder that another process commits)."""
     from pmf_jax.progress import bar
 
     stage, out = LocalPath(stage), as_path(out)
@@ -252,10 +268,19 @@ def publish_folder(stage: Location, out: Location, *, replace: bool = False, des
     if replace:
         remove_tree(out)
     files = _publish_order([p for p in stage.rglob("*") if p.is_file()], stage)
+    indexes = [p for p in files if _is_index(p, stage)]
+    data = [p for p in files if p not in indexes]
     with bar(total=sum(p.stat().st_size for p in files), desc=desc, unit="B") as progress:
-        for p in files:
-            fs.put_file(str(p), f"{target}/{p.relative_to(stage).as_posix()}")
-            progress.update(p.stat().st_size)
+        def put(group):
+            for p in group:
+                fs.put_file(str(p), f"{target}/{p.relative_to(stage).as_posix()}")
+                progress.update(p.stat().st_size)
+
+        put(data)
+        if before_index is not None:
+            before_index()
+        if index:
+            put(indexes)
     shutil.rmtree(stage, ignore_errors=True)
     return out
 

@@ -63,7 +63,7 @@ def run(args) -> int:
         read_user_mask(mask, source.shape, source.shape[:2], name="--mask")  # the image's size or aspect ratio
     from pmf_jax import storage
 
-    out = storage.as_path(args.out) if storage.is_url(args.out) else Path(args.out)  # a URL: each file uploaded
+    out = storage.user_path(args.out)  # a URL: each file uploaded
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise PMFInputError(f"--out {str(out)!r} must end in one of {', '.join(IMAGE_SUFFIXES)}")
     outputs = [out, out.with_suffix(".json")] + ([mask_path(out)] if mask != "none" else [])

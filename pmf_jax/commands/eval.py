@@ -5,7 +5,7 @@ in :mod:`pmf_jax.evaluation`."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import json
 
 from pmf_jax.commands import options
 from pmf_jax.out_folder import add_out_arguments
@@ -30,7 +30,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "reference.method=attn+adain for AdaIN) or reference.mode=controlnet_only evaluates the model "
                     "as that baseline. A new generation is "
                     "written into OUT.partial and moved to --out when every image exists; a stopped run is "
-                    "continued by the next one with the same settings, and so is a complete --out.")
+                    "continued by the next one with the same settings, and so is a complete --out. Launched as a "
+                    "multi-process run (the trainer's JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID or "
+                    "PMF_DISTRIBUTED=1), every process makes its share of the images and process 0 commits --out, "
+                    "which must be a URL (gs://...) or a filesystem every process sees.")
     g.add_argument("--model", metavar="EXPORT_OR_RUN",
                    help="a training run folder (RUN_DIR, its latest checkpoint; or RUN_DIR/checkpoints/STEP) or a "
                         "PMF export (pmf convert to-diffusers); default: the config's model.* folders")
@@ -121,14 +124,22 @@ def _compare(args) -> int:
 def _generate(args) -> int:
     from pmf_jax.evaluation import generate
     from pmf_jax.evaluation.model import eval_config, resolve_model
+    from pmf_jax.parallel import distributed
 
+    if distributed.initialize_from_environment():  # launched as a multi-process run (the trainer's variables)
+        command = {k: v for k, v in vars(args).items() if k not in ("func", "no_progress")}
+        distributed.check_same_run(json.loads(json.dumps(command, default=str)), what="command line")
     model = resolve_model(args.model).with_overrides(args.overrides)
     cfg = eval_config(model, args.config, args.overrides)
     summary = generate(cfg, args.out, split=args.split, prompt=args.prompt, negative_prompt=args.negative_prompt,
                        model=model, limit=args.limit, progress=not args.no_progress, allow_pickle=args.allow_pickle,
                        overwrite=args.overwrite, sequence=args.sequence)
-    print(f"{summary.out_dir}: {summary.generated} images generated, {summary.skipped} already there "
-          f"({summary.total} pairs)")
+    import jax
+
+    if jax.process_index() == 0:
+        processes = f", by {jax.process_count()} processes" if jax.process_count() > 1 else ""
+        print(f"{summary.out_dir}: {summary.generated} images generated{processes}, {summary.skipped} already there "
+              f"({summary.total} pairs)")
     return 0
 
 
@@ -145,7 +156,7 @@ def _score(args) -> int:
     name, config = parse_dataset(args.dataset)
     from pmf_jax import storage
 
-    generated = storage.as_path(args.generated) if storage.is_url(args.generated) else Path(args.generated)
+    generated = storage.user_path(args.generated)
     out = args.out or generated / "scores"  # a URL's report is uploaded beside its images
     for path in report_paths(out):  # before anything is scored: a folder in the way, a read-only location
         check_out_file(path)

@@ -167,7 +167,7 @@ def _out_path(out):
     """``--out`` as a path: a URL as an :class:`etils.epath.Path`, a local folder made absolute."""
     from pmf_jax import storage
 
-    return storage.as_path(out) if storage.is_url(out) else Path(out).absolute()
+    return storage.user_path(out, absolute=True)
 
 
 def _measure(args, cfg, mesh, chip, out: Path) -> int:

@@ -146,7 +146,7 @@ def output_paths(out_prefix) -> List[Path]:
     """``<out>.json``, ``<out>.md``, ``<out>.png`` (URLs for a URL ``out_prefix``: uploaded when complete)."""
     from pmf_jax import storage
 
-    out_prefix = storage.as_path(out_prefix) if storage.is_url(out_prefix) else Path(out_prefix)
+    out_prefix = storage.user_path(out_prefix)
     return [out_prefix.with_name(out_prefix.name + ext) for ext in (".json", ".md", ".png")]
 
 

@@ -21,6 +21,15 @@ settings; resuming with different settings is refused (they would mix two runs i
 (``<storage cache>/partial/gs/<bucket>/<path>.partial``, :func:`pmf_jax.out_folder.partial_folder`), so a stopped run
 is continued on the same machine, and the finished folder is uploaded with ``generation.json`` last. A complete
 generation on a URL is not resumed in place: a non-empty URL ``--out`` needs ``--overwrite``.
+
+**Several processes** (launched as the trainer is, e.g. one per host of a TPU pod: ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` or ``PMF_DISTRIBUTED=1``; :mod:`pmf_jax.parallel.distributed`): the
+processes agree on the images still missing (the union of what their stages hold), process k makes the k-th of every
+N of them on its own devices (no collective between processes; each image is the same as in a one-process run, as
+its seed is its pair's), and process 0 commits the folder: on a local ``--out``, which must then be a filesystem that
+every process sees, the processes write into the one ``<out>.partial``; on a URL every process stages its part on
+its own host (process k > 0 in ``<stage>-process<k>``) and uploads it, and process 0 uploads ``generation.json`` last,
+once every image is there. A missing image (a local ``--out`` that is not shared) is process 0's error.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -140,7 +150,7 @@ def generate(cfg: config_lib.Config, out_dir, *, split: Optional[str] = None, pr
     from pmf_jax import storage
 
     url = storage.is_url(out_dir)
-    out_dir = storage.as_path(out_dir) if url else Path(out_dir)
+    out_dir = storage.user_path(out_dir)
     data = cfg.data
     split = split or data.eval_split
     mode, reference = export_reference(model, cfg)
@@ -161,29 +171,35 @@ def generate(cfg: config_lib.Config, out_dir, *, split: Optional[str] = None, pr
     if limit is not None:
         pairs = pairs[:limit]
     unique = list({p.filename: p for p in reversed(pairs)}.values())[::-1]  # one image per file name, split order
+    team = Team.of_this_run()
+    if url and team.rank:  # each process stages its part of a URL's folder in its own local folder
+        target = target.with_name(f"{target.name}-process{team.rank}")
     fresh = overwrite or not target.is_dir()
-    todo = [p for p in unique if fresh or not (target / p.filename).is_file()]
+    done = set() if fresh else {p.filename for p in unique if (target / p.filename).is_file()}
+    done = team.union("done", done)  # every process's stage (a URL's stage is on its own host)
+    todo = [p for p in unique if p.filename not in done]
+    mine = todo[team.rank :: team.size]
     if in_place and not todo:
         return GenerationSummary(out_dir, len(unique), 0, len(unique))
 
     pipe = pipeline
-    if pipe is None and todo:
+    if pipe is None and mine:
         pipe = build_pipeline(cfg, model, allow_pickle=allow_pickle)
 
     def write(folder: Path) -> None:
-        # Recorded once the models load, so that a failed start (e.g. a wrong path) does not block the corrected run.
-        recorded = settings if limit is None else dict(settings, limit=limit)  # pmf eval score scores those pairs
-        (folder / SETTINGS_FILE).write_text(json.dumps(recorded, indent=2) + "\n")
-        if not todo:
+        if team.rank == 0:  # recorded once the models load: a failed start does not block the corrected run
+            recorded = settings if limit is None else dict(settings, limit=limit)  # pmf eval score scores those
+            (folder / SETTINGS_FILE).write_text(json.dumps(recorded, indent=2) + "\n")
+        if not mine:
             return
         from pmf_jax.input_pipeline import prepare_pair
 
         source = image_source(data.name, data.builder_config, split, data.data_dir)
-        bar = progress_bar(total=len(todo), desc=f"generate {settings['dataset']} {split}", unit="pair",
+        bar = progress_bar(total=len(mine), desc=f"generate {settings['dataset']} {split}{team.label}", unit="pair",
                            disable=not progress)
-        rest = todo
+        rest = mine
         if sequence:
-            rest = animate_clips(pipe, cfg, source, unique, todo, folder, prompt, negative_prompt, reference, bar)
+            rest = animate_clips(pipe, cfg, source, unique, mine, folder, prompt, negative_prompt, reference, bar)
         for batch in _batches(rest, data.eval_batch_size):
             examples = [prepare_pair(source[p.index], data.height_width, None) for p in batch]
             sources = np.stack([_to_uint8(e["source"], -1.0) for e in examples])   # [B, H, W, 3]
@@ -195,12 +211,70 @@ def generate(cfg: config_lib.Config, out_dir, *, split: Optional[str] = None, pr
             bar.update(len(batch))
         bar.close()
 
-    if in_place:
+    def gather_parts(folder) -> None:
+        """Process 0, before the commit: the other processes' images are in ``folder`` (``out_dir`` or the stage
+        on a shared filesystem; a URL's are uploaded by their processes)."""
+        team.barrier("parts")       # every process has made its images ...
+        team.barrier("delivered")   # ... and uploaded them (URL)
+        where = storage.object_listing(out_dir) if url else {p.name for p in folder.iterdir()}
+        missing = [p.filename for p in unique if p.filename not in where]
+        if missing:
+            raise PMFInputError(
+                f"--out {str(out_dir)!r}: {len(missing)} of the {len(unique)} images of the {team.size} processes "
+                f"are missing (e.g. {missing[0]}); every process must see --out: a URL (gs://...) or a shared "
+                f"filesystem")
+
+    if team.rank != 0:  # a part of the folder that process 0 commits
+        folder = target
+        team.barrier("stage made")  # process 0 made (or, --overwrite, emptied) the stage: nobody writes before
+        if url and overwrite:       # a URL's stage is this host's own
+            shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        write(folder)
+        team.barrier("parts")
+        if url:
+            storage.publish_folder(folder, out_dir, index=False, desc=f"upload {out_dir}{team.label}")
+        team.barrier("delivered")
+    elif in_place:
+        team.barrier("stage made")
         write(out_dir)
+        if team.size > 1:
+            gather_parts(out_dir)
     else:
-        with staged_folder(out_dir, overwrite, partial="resume") as stage:
+        hook = (lambda: gather_parts(partial_folder(out_dir))) if team.size > 1 else None
+        with staged_folder(out_dir, overwrite, partial="resume", before_commit=hook) as stage:
+            team.barrier("stage made")
             write(stage)
     return GenerationSummary(out_dir, len(unique), len(todo), len(unique) - len(todo))
+
+
+class Team:
+    """The processes of a multi-process ``pmf eval generate`` (one per host): process k makes the k-th of every
+    ``size`` missing images on its own devices; process 0 commits the folder. One process: every call is a no-op."""
+
+    def __init__(self, rank: int = 0, size: int = 1):
+        self.rank, self.size = rank, size
+        self.label = f" (process {rank} of {size})" if size > 1 else ""
+
+    @classmethod
+    def of_this_run(cls) -> "Team":
+        import jax
+
+        return cls(jax.process_index(), jax.process_count())
+
+    def barrier(self, name: str) -> None:
+        if self.size > 1:
+            from pmf_jax.parallel import distributed
+
+            distributed.barrier(f"eval-generate/{name}")
+
+    def union(self, name: str, names: set) -> set:
+        if self.size == 1:
+            return names
+        from pmf_jax.parallel import distributed
+
+        texts = distributed.all_gather_text(f"eval-generate/{name}", json.dumps(sorted(names)))
+        return set().union(*(json.loads(t) for t in texts))
 
 
 def animate_clips(pipe, cfg: config_lib.Config, source, pairs: List[Pair], todo: List[Pair], folder: Path,

@@ -93,7 +93,7 @@ def report_paths(out_prefix) -> Tuple[Path, Path]:
     """``(<out_prefix>.json, <out_prefix>.md)``; a URL prefix gives URLs (:class:`etils.epath.Path`)."""
     from pmf_jax import storage
 
-    out_prefix = storage.as_path(out_prefix) if storage.is_url(out_prefix) else Path(out_prefix)
+    out_prefix = storage.user_path(out_prefix)
     return out_prefix.with_name(out_prefix.name + ".json"), out_prefix.with_name(out_prefix.name + ".md")
 
 

@@ -20,6 +20,7 @@ from pmf_jax import storage
 from pmf_jax.errors import PMFInputError
 from pmf_jax.io.checkpoint_checksums import restore_newest_intact
 from pmf_jax.io.finite import check_finite
+from pmf_jax.io.process_local import host_sharding, this_process_only
 
 
 def resolve_run(path) -> Tuple[storage.Path, Optional[int]]:
@@ -44,9 +45,11 @@ def open_manager(run_dir) -> ocp.CheckpointManager:
     directory = storage.as_path(run_dir) / "checkpoints"
     if not directory.is_dir():
         raise PMFInputError(f"{run_dir} has no checkpoints/ folder")
-    options = ocp.CheckpointManagerOptions(read_only=True)
+    local = this_process_only()  # a reader: no barrier with the other processes of a multi-process run
+    options = ocp.CheckpointManagerOptions(read_only=True, multiprocessing_options=local)
     return ocp.CheckpointManager(directory, options=options, item_handlers={
-        "state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+        "state": ocp.PyTreeCheckpointHandler(multiprocessing_options=local),
+        "data": ocp.JsonCheckpointHandler(multiprocessing_options=local)})
 
 
 def restore_trained_params(run_dir, step: Optional[int] = None, *, ema: bool = True) -> Tuple[Dict[str, Any], int]:
@@ -66,7 +69,7 @@ def restore_trained_params(run_dir, step: Optional[int] = None, *, ema: bool = T
         tree = manager.item_metadata(step)["state"]
         tree = getattr(tree, "tree", tree)
         key = "ema_params" if ema and tree.get("ema_params") is not None else "params"
-        device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        device = host_sharding()
         item = {key: jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                                             tree[key])}
         restore_args = jax.tree_util.tree_map(

@@ -17,6 +17,7 @@ from flax import traverse_util
 
 from pmf_jax.errors import PMFInputError
 from pmf_jax.io.naming import check_match
+from pmf_jax.io.process_local import host_sharding, this_process_only
 
 PARAMS_DIR = "orbax_params"
 
@@ -29,7 +30,7 @@ def save_params(folder, params, dtype=None) -> Path:
     """Writes ``params`` (a Flax tree of arrays) as ``folder/orbax_params`` (folder created; must not hold one)."""
     folder = Path(folder).absolute()
     folder.mkdir(parents=True, exist_ok=True)
-    cpu = jax.devices("cpu")[0]
+    cpu = host_sharding()
     tree = jax.tree_util.tree_map(
         lambda a: jax.device_put(np.asarray(a, dtype=dtype) if dtype is not None else np.asarray(a), cpu), params)
     checkpointer = ocp.PyTreeCheckpointer()
@@ -48,7 +49,8 @@ def restore_params(folder, abstract_params, *, source: Optional[str] = None) -> 
     """
     path = Path(folder).absolute() / PARAMS_DIR
     source = source or str(folder)
-    checkpointer = ocp.PyTreeCheckpointer()
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=this_process_only()),
+                                    multiprocessing_options=this_process_only())
     try:
         metadata = checkpointer.metadata(path)
         metadata = getattr(metadata, "item_metadata", metadata)
@@ -56,7 +58,7 @@ def restore_params(folder, abstract_params, *, source: Optional[str] = None) -> 
         stored = traverse_util.flatten_dict(_plain(metadata))
         wanted = traverse_util.flatten_dict(abstract_params)
         _check(stored, wanted, source)
-        cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        cpu = host_sharding()
         target = traverse_util.unflatten_dict(
             {k: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=cpu) for k, m in stored.items()})
         restore_args = jax.tree_util.tree_map(

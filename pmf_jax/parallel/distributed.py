@@ -24,7 +24,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import jax
 

@@ -264,7 +264,7 @@ class SamplingPipeline:
         nbytes = lambda tree: sum(a.nbytes for a in jax.tree_util.tree_leaves(tree))  # noqa: E731
         # each device holds all the (replicated) parameters and its share of the batch
         fixed = nbytes(params)
-        resident = fixed + nbytes(batch) // max(1, len(jax.devices()))
+        resident = fixed + nbytes(batch) // max(1, jax.local_device_count())
         have, where = memory.available_bytes(jax.local_devices(), resident)
         factor = common.vae_factor(self.vae)
         size = (static.latent_shape[0] * factor, static.latent_shape[1] * factor)

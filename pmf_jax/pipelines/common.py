@@ -149,10 +149,11 @@ def as_seed_list(seed, n: int) -> Tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=None)
 def batch_mesh():
-    """The ("data", "fsdp", "tensor") mesh with every device on "data": inference is data parallel."""
+    """The ("data", "fsdp", "tensor") mesh with every local device on "data": inference is data parallel, and in a
+    multi-process run each process samples its own images on its own devices (no cross-process collective)."""
     from pmf_jax.parallel import make_mesh
 
-    return make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    return make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.local_devices())
 
 
 def pad_batch(tree, multiple: int):
