@@ -388,14 +388,23 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
 
 
 def load_config(yaml_path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults ← the YAML file (if given) ← the overrides. Raises PMFInputError naming the file / key / value."""
+    """Defaults ← the YAML file (if given; a path or a URL) ← the overrides. Raises PMFInputError naming the file /
+    key / value."""
     config = Config()
     if yaml_path is not None:
-        path = Path(yaml_path)
-        if not path.is_file():
+        from pmf_jax import storage
+
+        path = storage.user_path(yaml_path)  # a local file or a URL (gs://...)
+        try:
+            text = path.read_text() if path.is_file() else None
+        except Exception as err:  # the storage clients' errors (server, bucket, permission)
+            if not storage.is_url(path):
+                raise
+            raise storage.describe_error(err, path, "read") from None
+        if text is None:
             raise PMFInputError(f"config file {str(path)!r} does not exist")
         try:
-            values = yaml.safe_load(path.read_text())
+            values = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise PMFInputError(f"config file {str(path)!r} is not valid YAML: {e}") from None
         config = config_from_dict(values)

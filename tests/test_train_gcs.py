@@ -88,6 +88,10 @@ def test_kill_9_and_resume_from_the_bucket_equals_the_uninterrupted_run(gcs, env
     assert {"config.yaml", "components.json", "metrics.jsonl"} <= set(names)
     assert any(n.startswith("tensorboard/events.out.tfevents") for n in names)
     assert any(n.startswith("checkpoints/40/state/") for n in names)
+    from pmf_jax.pipelines.from_run import read_run_config
+
+    cfg = read_run_config(killed, ["sampling.steps=3"])   # config.yaml read from the bucket
+    assert (cfg.train.output_dir, cfg.train.steps, cfg.sampling.steps) == (killed, 40, 3)
     assert _no_local_gs_folder(tmp_path, ROOT, Path.cwd())
 
 

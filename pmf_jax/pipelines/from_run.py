@@ -49,29 +49,18 @@ class RunParts:
 
 def read_run_config(run_dir, overrides=()):
     """The :class:`~pmf_jax.config.Config` of a training run's ``config.yaml`` (``overrides`` on top); ``run_dir``
-    local or a URL (the file is read through :mod:`pmf_jax.storage`, then parsed from a local temporary copy)."""
-    import os
-    import tempfile
-
+    local or a URL."""
     from pmf_jax import storage
     from pmf_jax.config import load_config
 
     path = storage.as_path(run_dir) / "config.yaml"
-    if not storage.is_url(path):
-        if not path.is_file():
-            raise PMFInputError(f"{run_dir} is not a pmf_jax training run (no config.yaml)")
-        return load_config(str(path), overrides)
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise PMFInputError(f"{run_dir} is not a pmf_jax training run (no config.yaml)") from None
+        present = path.is_file()
     except Exception as err:  # the storage clients' errors (permission, missing bucket)
         raise storage.describe_error(err, path, "read") from None
-    with tempfile.TemporaryDirectory(prefix="pmf-run-config-") as tmp:
-        local = os.path.join(tmp, "config.yaml")
-        with open(local, "w") as f:
-            f.write(text)
-        return load_config(local, overrides)
+    if not present:
+        raise PMFInputError(f"{run_dir} is not a pmf_jax training run (no config.yaml)")
+    return load_config(path, overrides)
 
 
 def run_mode(cfg, mode: Optional[str] = None) -> str:
