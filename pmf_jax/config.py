@@ -159,6 +159,9 @@ class TrainConfig(_Section):
                                   doc="the UNet's target: noise, velocity, or the clean latent (sample)")
     min_snr_gamma: Optional[float] = _field(None, check=_OPT_NON_NEGATIVE, doc="Min-SNR loss weighting; null: off")
     noise_offset: float = _field(0.0, check=_NON_NEGATIVE)
+    person_loss_weight: float = _field(1.0, check=_POSITIVE,
+                                       doc="loss weight on the target's person (the pose map's pixels, pooled to "
+                                           "the latent grid and grown by one latent pixel); 1: a plain mean")
     zero_terminal_snr: bool = _field(False, doc="rescale the noise schedule so its last step is pure noise, sampled "
                                                "with trailing timesteps (Lin et al. 2024); exports carry it")
     reference_drop_prob: float = _field(0.05, check=_PROB, doc="P(no reference), for appearance guidance")

@@ -7,8 +7,8 @@ side by ``pmf eval compare`` (``outputs/demo/compare.md``, ``compare.json``, ``c
 Also exports the run with ``pmf convert to-diffusers`` (``outputs/demo/export``) and runs ``pmf retarget`` on
 one held-out pair (``outputs/demo/retarget``); ``test_source*.png`` (8 held-out people) are ``pmf serve``'s
 examples. Writes ``outputs/demo/grid.png`` (rows: test pairs; columns: source | target pose | PMF | PMF without the
-reference bank | ground truth) and ``outputs/demo/metrics.json`` with SSIM, PSNR and the colour error on the person
-(train/demo_metrics.py) against the ground truth for each mode. Appearance reaches the output only through the
+reference bank | ground truth) and ``outputs/demo/metrics.json`` with SSIM, PSNR and the person and clothing colour
+errors (train/demo_metrics.py) against the ground truth for each mode. Appearance reaches the output only through the
 reference, so the trained model must beat the baselines on identities never seen in training.
 Run from the repository root: ``python -m train.demo [--out DIR] [--test-pairs N] [key=value ...]``.
 """
@@ -111,9 +111,10 @@ def main(argv=None) -> dict:
     compared = json.loads((out / "compare.json").read_text())
     result = read_modes(cfg, modes["folders"], args.test_pairs)
     result["generated"], result["generated_no_reference"] = result["acm"], result["controlnet_only"]
-    metrics = {"with_reference": score(result["acm"], result["target"]),
-               "reference_only": score(result["reference_only"], result["target"]),
-               "without_reference": score(result["controlnet_only"], result["target"]),
+    keypoints = result["target_keypoints"]
+    metrics = {"with_reference": score(result["acm"], result["target"], keypoints),
+               "reference_only": score(result["reference_only"], result["target"], keypoints),
+               "without_reference": score(result["controlnet_only"], result["target"], keypoints),
                "test_pairs": int(result["target"].shape[0]), "checkpoint_step": modes["step"],
                "train_steps": cfg.train.steps, "train_images_per_s": _train_images_per_s(cfg.train.output_dir),
                "devices": jax.device_count(), "platform": jax.default_backend(),
@@ -136,7 +137,7 @@ def main(argv=None) -> dict:
     for name, m in (("PMF (acm):        ", a), ("reference_only:   ", metrics["reference_only"]),
                     ("without reference:", b)):
         print(f"[demo] {name}  SSIM {m['ssim']:.4f}  PSNR {m['psnr']:.2f} dB  person colour error "
-              f"{m['person_colour_error']:.1f} ΔE")
+              f"{m['person_colour_error']:.1f} ΔE  clothing colour error {m['clothing_colour_error']:.1f} ΔE")
     print(f"[demo] wrote {out / 'grid.png'}, {out / 'metrics.json'}, {out / 'compare.md'} and {out / 'compare.png'} "
           f"in {metrics['total_seconds']:.0f} s")
     return metrics

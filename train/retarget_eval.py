@@ -49,16 +49,17 @@ def generate_modes(cfg, out: Path, num_pairs: int = 64, step=None, progress: boo
 
 def read_modes(cfg, folders: dict, num_pairs: int) -> dict:
     """The generated images of :func:`generate_modes` beside the pairs' inputs, as arrays [N, H, W, 3]: source,
-    target ([-1, 1]), pose ([0, 1]) and one entry per mode ([-1, 1]), in split order."""
+    target ([-1, 1]), pose ([0, 1]), target_keypoints ([N, 18, 3], pixels) and one entry per mode ([-1, 1]), in split
+    order."""
     from PIL import Image
 
     data = cfg.data
     pairs = read_pairs(data.name, data.builder_config, data.eval_split, data.data_dir)[:num_pairs]
     source = image_source(data.name, data.builder_config, data.eval_split, data.data_dir)
-    out = {k: [] for k in ("source", "pose", "target", *folders)}
+    out = {k: [] for k in ("source", "pose", "target", "target_keypoints", *folders)}
     for pair in pairs:
         example = prepare_pair(source[pair.index], data.height_width, None)
-        for k in ("source", "pose", "target"):
+        for k in ("source", "pose", "target", "target_keypoints"):
             out[k].append(example[k])
         for mode, folder in folders.items():
             image = np.asarray(Image.open(Path(folder) / pair.filename).convert("RGB"), np.float32)

@@ -4,7 +4,9 @@
     bank = writer.write(r [noised to t if configured], t or 0)         writer: the reference UNet, or the UNet itself
     residuals = controlnet(x_t, t, pose [, bank])                      (stage 2)
     pred = unet(x_t, t, ctx, residuals, reference=read(bank, drop))    drop: per-sample reference dropout
-    loss = mean_b w_b · mean((pred − target_b)²)                         target ε, v or x0; w: min-SNR-γ (optional)
+    loss = mean_b w_b · mean(m · (pred − target_b)²)                     target ε, v or x0; w: min-SNR-γ (optional)
+                                                                       m: train.person_loss_weight on the pose's
+                                                                       pixels (grown by one latent pixel), else 1
 
 With an IP-Adapter (``components.image_prompt``: model.ip_adapter; reference.mode=ip_adapter writes no bank, acm
 and reference_only write it too) the UNet also reads the source as an image prompt:
@@ -74,12 +76,26 @@ def pmf_loss(params: Dict[str, Any], frozen: Dict[str, Any], batch: Dict[str, ja
                                        reference=cn_read)
         residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
     pred = c.unet.apply({"params": unet_params}, x_t, t, context, reference=read, **image_prompt, **residuals)
-    loss = _weighted_loss(pred, target, t, sched, train_cfg)
+    mask = person_mask(batch["pose"], pred.shape[1:3]) if train_cfg.person_loss_weight != 1.0 else None
+    loss = _weighted_loss(pred, target, t, sched, train_cfg, mask)
     return loss, {"loss": loss, **metrics}
 
 
-def _weighted_loss(pred, target, t, sched, train_cfg):
-    per_sample = jnp.mean((pred.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
+def person_mask(pose, latent_hw):
+    """``[b, h, w, 1]`` float 0/1: latent pixels that hold any drawn pose pixel, grown by one (3x3) so that limbs
+    thicker than the skeleton's lines are inside. pose: ``[b, H, W, 3]`` in [0, 1], H and W multiples of h and w."""
+    b, H, W, _ = pose.shape
+    h, w = latent_hw
+    drawn = jnp.max(pose, axis=-1) > 0
+    cells = jnp.max(drawn.reshape(b, h, H // h, w, W // w), axis=(2, 4)).astype(jnp.float32)[..., None]
+    return jax.lax.reduce_window(cells, 0.0, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), "SAME")
+
+
+def _weighted_loss(pred, target, t, sched, train_cfg, mask=None):
+    squared = (pred.astype(jnp.float32) - target) ** 2
+    if mask is not None:
+        squared = squared * (1.0 + (train_cfg.person_loss_weight - 1.0) * mask)
+    per_sample = jnp.mean(squared, axis=(1, 2, 3))
     if train_cfg.min_snr_gamma:
         per_sample = per_sample * min_snr_weights(sched.snr(t), train_cfg.min_snr_gamma, train_cfg.prediction_type)
     return jnp.mean(per_sample)
