@@ -35,4 +35,5 @@ def overrides(env: dict, run_dir: Path, *extra: str) -> list:
             "data.batch_size=4", f"train.output_dir={run_dir}", "train.warmup_steps=0", "train.log_every=1",
             "train.compilation_cache=false",  # in-process runs leave the test process's JAX config alone
             "train.zero_terminal_snr=false",  # the recorded losses and images used SD's own schedule
+            "train.person_loss_weight=1.0",   # ... and a plain mean
             "train.ema_decay=null", *extra]  # the tests compare trained params, not the demo's EMA copy
