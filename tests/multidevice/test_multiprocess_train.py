@@ -4,9 +4,8 @@ JAX_PROCESS_ID).
 
 One 8-device single-process run is the reference; one 2-process run is stopped by SIGTERM to process 1 (both save the
 same step and exit 0), then resumed and process 1 killed (process 0 exits non-zero within the heartbeat bound, the
-saved step stays restorable); a config mismatch stops both processes at start with one line. `pmf scaling --measure`
-and `pmf eval generate` (into a shared folder and into a bucket on a GCS-protocol server) run as 2 processes too, and
-a code-version mismatch stops both.
+saved step stays restorable); a config mismatch stops both processes at start with one line. The commands that join
+a multi-process run are in test_multiprocess_commands.py.
 
 Run by tests/run_all.sh with XLA_FLAGS=--xla_force_host_platform_device_count=8 (the in-process restores use 8
 devices; the subprocesses set their own device count).
@@ -16,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,8 +29,8 @@ if jax.device_count() != 8:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ (train_fixtures)
 import train_fixtures  # noqa: E402
-from gcs_fixtures import gcs  # noqa: E402,F401  (pytest fixture)
-from pmf_jax import runtime, storage  # noqa: E402
+from multiprocess_launch import start_pair  # noqa: E402
+from pmf_jax import runtime  # noqa: E402
 from pmf_jax.io.checkpoints import restore_trained_params  # noqa: E402
 from train.logs import read_metrics  # noqa: E402
 
@@ -44,12 +42,6 @@ SMALL = ["reference.mode=reference_only", "train.trainable=[unet]", "data.resolu
          "mesh.data=-1", "train.steps=100000", "train.checkpoint_every=100000", "train.lr=1e-3",
          "train.compilation_cache=true"]
 LOSS_STEPS = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +66,7 @@ def _command(env, run_dir, *extra):
 
 def _start_pair(env, run_dir, tmp_path, name, extra=((), ())):
     """Starts processes 0 and 1 of a 2-process run; returns [(Popen, log path)]."""
-    port = _free_port()
-    procs = []
-    for i in (0, 1):
-        child = dict(env["child"], XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-        log = tmp_path / f"{name}.{i}.log"
-        procs.append((subprocess.Popen(_command(env, run_dir, *extra[i]), env=child, cwd=tmp_path,
-                                       stdout=log.open("w"), stderr=subprocess.STDOUT), log))
-    return procs
+    return start_pair(_command(env, run_dir), env["child"], tmp_path, name, extra=extra)
 
 
 def _wait_for(predicate, timeout, procs):
@@ -219,108 +203,3 @@ def test_a_config_mismatch_stops_both_processes_with_one_line(env, tmp_path):
         assert "train.lr=0.002 vs 0.001" in errors[0] or "train.lr=0.001 vs 0.002" in errors[0], errors[0]
         assert f"process {1 - i} has" in errors[0]
     assert not (tmp_path / "run" / "checkpoints").exists()
-
-
-def test_scaling_measure_runs_as_two_processes_and_process_0_writes(env, tmp_path):
-    """`pmf scaling --measure` launched like the trainer: one sharded step over both processes' 8 devices."""
-    port = _free_port()
-    out = tmp_path / "measure"
-    procs = []
-    for i in (0, 1):
-        child = dict(env["child"], XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-        log = tmp_path / f"measure.{i}.log"
-        procs.append((subprocess.Popen(
-            [sys.executable, "-m", "pmf_jax.cli", "scaling", "--config", CONFIG, "--measure", "2", "--out", str(out),
-             "--batch-per-device", "1", f"model.unet_config={env['unet']}", *SMALL[:3]],
-            env=child, cwd=tmp_path, stdout=log.open("w"), stderr=subprocess.STDOUT), log))
-    codes = [p.wait(timeout=600) for p, _ in procs]
-    logs = [log.read_text() for _, log in procs]
-    assert codes == [0, 0], [text[-2000:] for text in logs]
-    result = json.loads((out / "measure.json").read_text())
-    assert result["devices"] == 8 and result["processes"] == 2
-    assert result["measured"]["iterations"] == 2 and result["measured"]["step_s"] > 0
-    assert "measured on 2 processes, 8 x cpu" in logs[0] and "measured on" not in logs[1]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("measure")) == [
-        "measure", "measure.0.log", "measure.1.log"]  # no second stage or partial folder beside it
-
-
-def _start_pmf_pair(env, argv, tmp_path, name, child_env=None, pythonpath=(None, None)):
-    """Processes 0 and 1 of a 2-process `pmf ARGV` (4 CPU devices each); returns [(Popen, log path)]."""
-    port = _free_port()
-    procs = []
-    for i in (0, 1):
-        child = dict(env["child"], **(child_env or {}), XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                     JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-        if pythonpath[i]:
-            child["PYTHONPATH"] = str(pythonpath[i])
-        log = tmp_path / f"{name}.{i}.log"
-        procs.append((subprocess.Popen([sys.executable, "-m", "pmf_jax.cli", *map(str, argv)], env=child,
-                                       cwd=tmp_path, stdout=log.open("w"), stderr=subprocess.STDOUT), log))
-    return procs
-
-
-def _pixels(path):
-    from PIL import Image
-
-    return np.asarray(Image.open(path), np.int16)
-
-
-def test_eval_generate_as_two_processes_into_a_shared_folder_and_a_bucket(env, preempted_run, gcs, tmp_path):  # noqa: F811
-    """Each process makes its half of the pairs on its own 4 devices; process 0 commits: the images are those of one
-    8-device process (a pair's seed is its own), generation.json is committed last, nothing is left staged."""
-    from pmf_jax.evaluation import generate
-    from pmf_jax.evaluation.model import eval_config, resolve_model
-
-    run_dir = preempted_run["dir"]
-    steps = ["sampling.steps=2"]
-    model = resolve_model(str(run_dir)).with_overrides(steps)
-    one = tmp_path / "one_process"
-    summary = generate(eval_config(model, None, steps), one, model=model, progress=False)
-    names = sorted(p.name for p in one.glob("*.png"))
-    assert summary.generated == len(names) == 4
-
-    local, url = tmp_path / "two_processes", gcs.url("eval/two_processes")
-    for out, name in ((local, "local"), (url, "bucket")):
-        procs = _start_pmf_pair(env, ["eval", "generate", "--model", run_dir, "--out", out, *steps], tmp_path,
-                                name, child_env={k: gcs.env[k] for k in (storage.EMULATOR_ENV, storage.CACHE_ENV)})
-        codes = [p.wait(timeout=600) for p, _ in procs]
-        logs = [log.read_text() for _, log in procs]
-        assert codes == [0, 0], [text[-2000:] for text in logs]
-        assert "4 images generated, by 2 processes, 0 already there (4 pairs)" in logs[0]
-        assert "images generated" not in logs[1]
-        for i in (0, 1):  # each process made two of the four (its progress line)
-            assert re.search(rf"\(process {i} of 2\).*2/2", logs[i]), logs[i][-2000:]
-    assert sorted(p.name for p in local.iterdir()) == sorted(names + ["generation.json"])
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
-    for name in names:
-        assert np.abs(_pixels(local / name) - _pixels(one / name)).max() <= 2, name
-    assert gcs.names("eval/two_processes") == sorted(names + ["generation.json"])
-    fetched = storage.local_copy(url)
-    for name in names:  # the same processes on the same devices: the same bytes
-        assert (fetched / name).read_bytes() == (local / name).read_bytes(), name
-    assert json.loads((fetched / "generation.json").read_text()) == json.loads((local / "generation.json").read_text())
-    assert not list((gcs.cache / "partial").rglob("*.png"))  # every stage was uploaded and removed
-
-
-def test_a_code_version_mismatch_stops_both_processes_with_one_line(env, tmp_path):
-    """Process 1 imports a copy of pmf_jax/ and train/ with one changed byte: both exit 2 naming the code versions,
-    before any model loads or anything is written."""
-    import shutil
-
-    copy = tmp_path / "checkout"
-    for folder in ("pmf_jax", "train"):
-        shutil.copytree(ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    with (copy / "train" / "__init__.py").open("a") as f:
-        f.write("\n# another checkout\n")
-    out = tmp_path / "generated"
-    procs = _start_pmf_pair(env, ["eval", "generate", "--model", tmp_path / "no_run", "--out", out], tmp_path,
-                            "code", pythonpath=(None, copy))
-    codes = [p.wait(timeout=300) for p, _ in procs]
-    logs = [log.read_text() for _, log in procs]
-    assert codes == [2, 2], [text[-2000:] for text in logs]
-    for i, text in enumerate(logs):
-        errors = [line for line in text.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1, text[-2000:]
-        assert f"process {1 - i} runs code version" in errors[0] and "a different checkout" in errors[0], errors[0]
-    assert not out.exists() and not (tmp_path / "generated.partial").exists()
