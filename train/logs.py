@@ -29,8 +29,9 @@ class MetricWriter:
     """Writes ``metrics.jsonl`` and TensorBoard event files under the run directory (process 0 only).
 
     The run directory may be a URL (``gs://bucket/run``). Object stores cannot append: there ``metrics.jsonl`` is
-    rewritten whole at each row (one object write, so a reader sees the old or the new file), and TensorBoard writes
-    into a local folder whose event files are uploaded to ``<run>/tensorboard/`` after each flush.
+    rewritten whole at each row (one object write, so a reader sees the old or the new file; the text is read from
+    the store once, then kept), and TensorBoard writes into a local folder whose event files are uploaded to
+    ``<run>/tensorboard/`` after each flush.
     """
 
     def __init__(self, run_dir, tensorboard: bool = True):
@@ -38,6 +39,7 @@ class MetricWriter:
         self.run_dir = storage.as_path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.remote = storage.is_url(self.run_dir)
+        self._remote_text = None  # a store's metrics.jsonl as this writer last read or wrote it
         self._tb = None
         self._tb_dir = self.run_dir / "tensorboard"
         if self.active and tensorboard:
@@ -51,12 +53,18 @@ class MetricWriter:
                 log(f"TensorBoard logging off: {err}")
 
     def _read(self) -> str:
-        return self.path.read_text() if self.path.is_file() else ""
+        if self._remote_text is not None:
+            return self._remote_text
+        text = self.path.read_text() if self.path.is_file() else ""
+        if self.remote:
+            self._remote_text = text
+        return text
 
     def _write(self, text: str) -> None:
         """Replaces metrics.jsonl with ``text`` (a rename locally, one object write on a store)."""
         if self.remote:
             self.path.write_text(text)
+            self._remote_text = text
             return
         partial = self.path.parent / (self.path.name + ".partial")
         partial.write_text(text)

@@ -155,26 +155,6 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
     distributed.global_state.client.wait_at_barrier(f"pmf_jax/{name}", timeout_s * 1000)
 
 
-class SigtermFlag:
-    """Set by SIGTERM: the single-process trainer saves at the current step and exits 0."""
-
-    def __init__(self):
-        self._event = threading.Event()
-        self._previous = None
-
-    def install(self) -> "SigtermFlag":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._event.set())
-        return self
-
-    def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def __bool__(self) -> bool:
-        return self._event.is_set()
-
-
 class Preemption:
     """Whether the run must save and stop at this step: SIGTERM (a preempted VM, ``kill``).
 
@@ -185,11 +165,13 @@ class Preemption:
 
     def __init__(self):
         self.multi = jax.process_count() > 1
-        self._flag = None
+        self._sigterm = threading.Event()
+        self._previous = None
 
     def install(self) -> "Preemption":
-        if not self.multi:  # multi-process: JAX's notifier has the SIGTERM handler; a Python one would replace it
-            self._flag = SigtermFlag().install()
+        # multi-process: JAX's notifier has the SIGTERM handler; a Python one would replace it
+        if not self.multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._sigterm.set())
         return self
 
     def reached(self, step: int) -> bool:
@@ -198,11 +180,12 @@ class Preemption:
             from jax.experimental import multihost_utils
 
             return multihost_utils.reached_preemption_sync_point(step)
-        return bool(self._flag)
+        return self._sigterm.is_set()
 
     def uninstall(self) -> None:
-        if self._flag is not None:
-            self._flag.uninstall()
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def process_summary() -> str:
@@ -210,5 +193,5 @@ def process_summary() -> str:
            f"{jax.device_count()}"
 
 
-__all__ = ["LAUNCH_VARIABLES", "Preemption", "SigtermFlag", "all_gather_text", "barrier", "check_same_run", "code_version", "initialize_from_environment",
-           "process_summary", "requested"]
+__all__ = ["LAUNCH_VARIABLES", "Preemption", "all_gather_text", "barrier", "check_same_run", "code_version",
+           "initialize_from_environment", "process_summary", "requested"]
