@@ -10,7 +10,7 @@ import pytest
 
 from pmf_jax.config import load_config
 from pmf_jax.errors import PMFInputError
-from pmf_jax.training.objective import _weighted_loss, person_mask
+from pmf_jax.training.objective import weighted_loss, person_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,9 +31,9 @@ def test_the_weighted_loss_is_the_mean_of_the_weighted_squares():
     pred = jnp.zeros((1, 4, 4, 2))
     target = jnp.ones((1, 4, 4, 2)) * 2.0              # squared error 4 everywhere
     mask = jnp.zeros((1, 4, 4, 1)).at[0, :2, :, 0].set(1.0)   # half the cells
-    loss = float(_weighted_loss(pred, target, None, None, cfg, mask))
+    loss = float(weighted_loss(pred, target, None, None, cfg, mask))
     assert loss == pytest.approx(4.0 * (0.5 * 5.0 + 0.5 * 1.0))
-    assert float(_weighted_loss(pred, target, None, None, cfg)) == pytest.approx(4.0)   # no mask: the plain mean
+    assert float(weighted_loss(pred, target, None, None, cfg)) == pytest.approx(4.0)   # no mask: the plain mean
 
 
 def test_the_demo_recipe_weighs_the_person_and_bad_weights_are_refused():

@@ -77,7 +77,7 @@ def pmf_loss(params: Dict[str, Any], frozen: Dict[str, Any], batch: Dict[str, ja
         residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
     pred = c.unet.apply({"params": unet_params}, x_t, t, context, reference=read, **image_prompt, **residuals)
     mask = person_mask(batch["pose"], pred.shape[1:3]) if train_cfg.person_loss_weight != 1.0 else None
-    loss = _weighted_loss(pred, target, t, sched, train_cfg, mask)
+    loss = weighted_loss(pred, target, t, sched, train_cfg, mask)
     return loss, {"loss": loss, **metrics}
 
 
@@ -91,7 +91,10 @@ def person_mask(pose, latent_hw):
     return jax.lax.reduce_window(cells, 0.0, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), "SAME")
 
 
-def _weighted_loss(pred, target, t, sched, train_cfg, mask=None):
+def weighted_loss(pred, target, t, sched, train_cfg, mask=None):
+    """The scalar loss: per sample the mean of ``(pred - target)²`` ([b, h, w, c]) weighted by
+    ``1 + (train.person_loss_weight - 1) * mask`` (``mask`` [b, h, w, 1], :func:`person_mask`; None: 1), times the
+    Min-SNR weight of ``t`` when configured; then the mean over samples."""
     squared = (pred.astype(jnp.float32) - target) ** 2
     if mask is not None:
         squared = squared * (1.0 + (train_cfg.person_loss_weight - 1.0) * mask)
