@@ -3,9 +3,32 @@ JAX_PROCESS_ID; each process gets 4 virtual CPU devices and its own log file."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def child_environment(root: Path, heartbeat_s: int = 5) -> dict:
+    """``os.environ`` for the processes: CPU only, a compilation cache of their own under ``root``, a short
+    heartbeat (``PMF_HEARTBEAT_TIMEOUT``), the checkout importable; this process's device count is not passed on."""
+    child = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+    child.update(JAX_PLATFORMS="cpu", PMF_JAX_CACHE_DIR=str(Path(root) / "jax_cache"),
+                 PMF_HEARTBEAT_TIMEOUT=str(heartbeat_s), PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return child
+
+
+def one_block_unet(root: Path) -> Path:
+    """Writes ``root/one_block_unet.json`` (train_fixtures.ONE_BLOCK_UNET: the smallest UNet that is still the real
+    model) and returns its path."""
+    import train_fixtures
+
+    path = Path(root) / "one_block_unet.json"
+    path.write_text(json.dumps(train_fixtures.ONE_BLOCK_UNET))
+    return path
 
 
 def free_port() -> int:

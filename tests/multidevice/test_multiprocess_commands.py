@@ -11,7 +11,6 @@ made in this process on 8 devices).
 """
 
 import json
-import os
 import re
 import shutil
 import sys
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/
 import convert_fixtures  # noqa: E402
 import train_fixtures  # noqa: E402
 from gcs_fixtures import gcs  # noqa: E402,F401  (pytest fixture)
-from multiprocess_launch import start_pair  # noqa: E402
+from multiprocess_launch import child_environment, one_block_unet, start_pair  # noqa: E402
 from pmf_jax import runtime, storage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,15 +42,11 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess_commands")
     runtime.add_dataset_builders()
     base = train_fixtures.prepare(root)
-    unet = root / "one_block_unet.json"
-    unet.write_text(json.dumps(train_fixtures.ONE_BLOCK_UNET))
-    base["one_block_unet"] = unet
+    base["one_block_unet"] = unet = one_block_unet(root)
     base["run"] = root / "run"
     convert_fixtures.write_run(root, base["run"], f"model.unet_config={unet}", f"data.data_dir={base['data_dir']}",
                                "data.builder_config=tiny", "data.resolution=[32,32]", steps=(1,))
-    child = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
-    child.update(JAX_PLATFORMS="cpu", PMF_JAX_CACHE_DIR=str(root / "jax_cache"), PMF_HEARTBEAT_TIMEOUT="5",
-                 PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    child = child_environment(root)
     base["child"] = child
     return base
 

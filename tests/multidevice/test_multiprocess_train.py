@@ -11,8 +11,6 @@ Run by tests/run_all.sh with XLA_FLAGS=--xla_force_host_platform_device_count=8 
 devices; the subprocesses set their own device count).
 """
 
-import json
-import os
 import re
 import signal
 import subprocess
@@ -29,7 +27,7 @@ if jax.device_count() != 8:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ (train_fixtures)
 import train_fixtures  # noqa: E402
-from multiprocess_launch import start_pair  # noqa: E402
+from multiprocess_launch import child_environment, one_block_unet, start_pair  # noqa: E402
 from pmf_jax import runtime  # noqa: E402
 from pmf_jax.io.checkpoints import restore_trained_params  # noqa: E402
 from train.logs import read_metrics  # noqa: E402
@@ -49,12 +47,8 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess")
     runtime.add_dataset_builders()
     base = train_fixtures.prepare(root)
-    unet = root / "one_block_unet.json"
-    unet.write_text(json.dumps(train_fixtures.ONE_BLOCK_UNET))
-    base["unet"] = unet
-    child = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
-    child.update(JAX_PLATFORMS="cpu", PMF_JAX_CACHE_DIR=str(root / "jax_cache"), PMF_HEARTBEAT_TIMEOUT=str(HEARTBEAT_S),
-                 PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    base["unet"] = one_block_unet(root)
+    child = child_environment(root, HEARTBEAT_S)
     base["child"] = child
     return base
 
