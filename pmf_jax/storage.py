@@ -241,18 +241,17 @@ def move_tree(source: Location, target: Location) -> Path:
     return target
 
 
+def _is_index(p: LocalPath, root: LocalPath) -> bool:
+    return len(p.relative_to(root).parts) == 1 and p.suffix in INDEX_SUFFIXES
+
+
 def _publish_order(files: Iterable[LocalPath], root: LocalPath) -> list:
     """Files in subfolders first, then the top-level files, the index files (INDEX_SUFFIXES) last."""
     def key(p: LocalPath):
         rel = p.relative_to(root)
-        top = len(rel.parts) == 1
-        return (top, top and p.suffix in INDEX_SUFFIXES, rel.as_posix())
+        return (len(rel.parts) == 1, _is_index(p, root), rel.as_posix())
 
     return sorted(files, key=key)
-
-
-def _is_index(p: LocalPath, root: LocalPath) -> bool:
-    return len(p.relative_to(root).parts) == 1 and p.suffix in INDEX_SUFFIXES
 
 
 def publish_folder(stage: Location, out: Location, *, replace: bool = False, desc: str = "upload",
@@ -268,9 +267,9 @@ def publish_folder(stage: Location, out: Location, *, replace: bool = False, des
     if replace:
         remove_tree(out)
     files = _publish_order([p for p in stage.rglob("*") if p.is_file()], stage)
-    indexes = [p for p in files if _is_index(p, stage)]
-    data = [p for p in files if p not in indexes]
-    with bar(total=sum(p.stat().st_size for p in files), desc=desc, unit="B") as progress:
+    indexes = [p for p in files if _is_index(p, stage)] if index else []
+    data = [p for p in files if not _is_index(p, stage)]
+    with bar(total=sum(p.stat().st_size for p in data + indexes), desc=desc, unit="B") as progress:
         def put(group):
             for p in group:
                 fs.put_file(str(p), f"{target}/{p.relative_to(stage).as_posix()}")
@@ -279,8 +278,7 @@ def publish_folder(stage: Location, out: Location, *, replace: bool = False, des
         put(data)
         if before_index is not None:
             before_index()
-        if index:
-            put(indexes)
+        put(indexes)
     shutil.rmtree(stage, ignore_errors=True)
     return out
 
